@@ -1,0 +1,83 @@
+"""HF Llama folder (safetensors) -> our param tree -> Orbax params checkpoint.
+
+Tensor by tensor: each of our (stacked) params is filled layer by layer from memory-mapped
+safetensors, cast on assignment, and optionally placed onto its sharding before the next one is
+read. The torch model is never built.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from convert.mapping import IGNORED_HF_SUFFIXES, get_path, param_specs, set_path, stored_shape
+from convert.safetensors_io import FLOAT_DTYPES, HFWeights
+from npo_jax.checkpoint import save_params_checkpoint
+from npo_jax.config import LlamaConfig, read_config_dict
+from npo_jax.errors import NpoJaxError
+from npo_jax.fs import atomic_output_dir, check_output_dir
+
+DTYPES = {"float32": np.float32, "bfloat16": FLOAT_DTYPES["BF16"], "float16": np.float16}
+
+
+def np_dtype(name: str) -> np.dtype:
+    if name not in DTYPES:
+        raise NpoJaxError(f"unsupported dtype {name!r} (choose from {', '.join(DTYPES)})")
+    return np.dtype(DTYPES[name])
+
+
+def validate_hf_tensors(weights: HFWeights, cfg: LlamaConfig) -> None:
+    """Every expected tensor present with the right shape and a float dtype; nothing extra."""
+    specs = param_specs(cfg)
+    expected = {name: spec.hf_shape for spec in specs for name in spec.hf_names(cfg.num_hidden_layers)}
+    for name, shape in expected.items():
+        if name not in weights.location:
+            raise NpoJaxError(f"{weights.folder}: missing tensor '{name}' (expected shape {list(shape)})")
+        tag, got = weights.info(name)
+        file = weights.location[name]
+        if got != shape:
+            raise NpoJaxError(f"{file}: tensor '{name}' has shape {list(got)}, expected {list(shape)}")
+        if tag not in FLOAT_DTYPES:
+            raise NpoJaxError(f"{file}: tensor '{name}' has dtype {tag}, expected a float dtype "
+                              f"({', '.join(FLOAT_DTYPES)})")
+    extra = sorted(n for n in weights.names() - expected.keys() if not n.endswith(IGNORED_HF_SUFFIXES))
+    if extra:
+        more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
+        hint = " (config.json says tie_word_embeddings: true)" if extra[0] == "lm_head.weight" else ""
+        raise NpoJaxError(f"{weights.location[extra[0]]}: unexpected tensor '{extra[0]}'{hint}{more}")
+
+
+def load_hf_params(folder: str | Path, dtype: str = "float32", shardings: dict | None = None,
+                   progress: bool = False) -> tuple[LlamaConfig, dict]:
+    """Read an HF Llama folder into our nested param dict (numpy, or jax arrays on `shardings`)."""
+    folder = Path(folder)
+    cfg = LlamaConfig.from_hf_dict(read_config_dict(folder / "config.json"), source=str(folder / "config.json"))
+    weights = HFWeights(folder)
+    validate_hf_tensors(weights, cfg)
+    target = np_dtype(dtype)
+    params: dict = {}
+    specs = param_specs(cfg)
+    for spec in tqdm(specs, desc="hf -> params", unit="tensor", disable=not progress):
+        array = np.empty(stored_shape(spec, cfg), target)
+        if spec.stacked:
+            for i, name in enumerate(spec.hf_names(cfg.num_hidden_layers)):
+                array[i] = spec.from_hf(weights.read(name))
+        else:
+            array[...] = spec.from_hf(weights.read(spec.hf_name))
+        if shardings is not None:
+            array = jax.device_put(array, get_path(shardings, spec.path))
+        set_path(params, spec.path, array)
+    return cfg, params
+
+
+def hf_to_orbax(src: str | Path, dst: str | Path, dtype: str = "float32", overwrite: bool = False,
+                progress: bool = True) -> Path:
+    """Convert an HF folder into an Orbax params checkpoint folder `dst`, all or nothing."""
+    src, dst = Path(src), check_output_dir(dst, overwrite)
+    _, params = load_hf_params(src, dtype, progress=progress)  # validates before dst is touched
+    with atomic_output_dir(dst, overwrite) as tmp:
+        save_params_checkpoint(tmp, params, src, dtype)
+    return dst

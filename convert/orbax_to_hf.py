@@ -1,0 +1,112 @@
+"""Orbax params (params or training checkpoint) -> HF folder transformers loads as is.
+
+One stacked parameter is restored at a time (Orbax partial restore), each layer slice is cast,
+transposed back to torch's (out, in) and streamed into the current shard, so peak memory is
+about one stacked parameter plus one layer slice, whatever the model size.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from convert.hf_to_orbax import np_dtype
+from convert.mapping import param_specs
+from convert.safetensors_io import INDEX_NAME, SafetensorsWriter
+from npo_jax.checkpoint import TOKENIZER_FILES, ParamsReader, copy_side_files
+from npo_jax.config import with_dtype
+from npo_jax.errors import NpoJaxError
+from npo_jax.fs import atomic_output_dir, check_output_dir
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str | int) -> int:
+    """'5GB' -> 5e9 bytes (decimal units as HF's max_shard_size; KiB/MiB/GiB binary)."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(text))
+    if not m or m.group(2).upper() not in _UNITS:
+        raise NpoJaxError(f"--max-shard-size: cannot read {text!r} (e.g. 5GB, 500MB, 2GiB)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+def _plan_shards(entries: list[tuple[str, np.dtype, tuple[int, ...]]], max_bytes: int) -> list[list]:
+    """Greedy packing in order, as HF does: a new shard when the next tensor would overflow."""
+    shards: list[list] = [[]]
+    size = 0
+    for entry in entries:
+        nbytes = int(np.prod(entry[2], dtype=np.int64)) * entry[1].itemsize
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(entry)
+        size += nbytes
+    return shards
+
+
+def _generation_config(raw: dict) -> dict:
+    out = {"_from_model_config": True}
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if raw.get(key) is not None:
+            out[key] = raw[key]
+    return out
+
+
+def _hf_tensors(reader: ParamsReader, specs, out_dtype):
+    """(HF name, torch-layout tensor) in export order, restoring one stacked parameter at a time."""
+    layers = reader.config.num_hidden_layers
+    for spec in specs:
+        array = reader.read(spec.path)
+        pieces = array if spec.stacked else [array]
+        for name, piece in zip(spec.hf_names(layers), pieces, strict=True):
+            yield name, np.ascontiguousarray(spec.to_hf(piece).astype(out_dtype))
+
+
+def orbax_to_hf(src: str | Path, dst: str | Path, dtype: str | None = None,
+                tokenizer_from: str | Path | None = None, max_shard_size: str | int = "5GB",
+                overwrite: bool = False, progress: bool = True) -> Path:
+    """Export the params of checkpoint `src` as an HF Llama folder `dst`, all or nothing."""
+    dst = check_output_dir(dst, overwrite)
+    reader = ParamsReader(src)
+    cfg = reader.config
+    out_name = dtype or (cfg.dtype if cfg.dtype in ("float32", "bfloat16", "float16") else "bfloat16")
+    out_dtype = np_dtype(out_name)
+    tok_src = Path(tokenizer_from) if tokenizer_from else reader.folder
+    if tokenizer_from and not any((tok_src / f).is_file() for f in TOKENIZER_FILES):
+        names = ", ".join(TOKENIZER_FILES[:3])
+        raise NpoJaxError(f"--tokenizer-from {tok_src}: no tokenizer files there ({names}, ...)")
+
+    specs = param_specs(cfg)
+    entries = [(name, out_dtype, spec.hf_shape) for spec in specs for name in spec.hf_names(cfg.num_hidden_layers)]
+    shards = _plan_shards(entries, parse_size(max_shard_size))
+    n = len(shards)
+    shard_names = [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
+
+    with atomic_output_dir(dst, overwrite) as tmp:
+        weight_map, total = {}, 0
+        tensors = _hf_tensors(reader, specs, out_dtype)
+        bar = tqdm(total=len(entries), desc="params -> hf", unit="tensor", disable=not progress)
+        for shard_name, shard_entries in zip(shard_names, shards, strict=True):
+            writer = SafetensorsWriter(tmp / shard_name, shard_entries)
+            for _ in shard_entries:
+                name, tensor = next(tensors)
+                writer.write(name, tensor)
+                weight_map[name] = shard_name
+                total += tensor.nbytes
+                bar.update()
+            writer.close()
+        bar.close()
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        (tmp / "config.json").write_text(json.dumps(with_dtype(reader.raw_config, out_name), indent=2) + "\n")
+        if not copy_side_files(reader.folder, tmp, ("generation_config.json",)):
+            generation = _generation_config(reader.raw_config)
+            (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        copy_side_files(tok_src, tmp, TOKENIZER_FILES)
+    return dst

@@ -1,0 +1,128 @@
+"""Reading an HF folder's safetensors tensor by tensor, and writing shards as a stream.
+
+Reading goes through `safetensors.safe_open` (memory-mapped, one tensor at a time). Writing
+streams each tensor's bytes straight to the file: `safetensors.numpy.save_file` needs a whole
+shard in memory at once, which for a 5 GB shard would dominate peak memory. The format is a
+little-endian u64 header length, a JSON header, then the raw bytes; files written here are read
+back by `safe_open` and by transformers in the tests.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import sys
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+from safetensors import SafetensorError, safe_open
+
+from npo_jax.errors import NpoJaxError
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+FLOAT_DTYPES = {"F32": np.float32, "BF16": ml_dtypes.bfloat16, "F16": np.float16, "F64": np.float64}
+_DTYPE_TAGS = {np.dtype(v): k for k, v in FLOAT_DTYPES.items()}
+assert sys.byteorder == "little", "safetensors data is little-endian; big-endian hosts are not supported"
+
+
+class HFWeights:
+    """The tensors of an HF model folder: name -> (file, dtype, shape), read lazily."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        files = self._shard_files()
+        self._handles = {}
+        self.location: dict[str, Path] = {}
+        for file in files:
+            try:
+                handle = safe_open(str(file), framework="np")
+            except (SafetensorError, OSError) as e:
+                raise NpoJaxError(f"{file}: not a readable safetensors file ({e})") from None
+            self._handles[file] = handle
+            for name in handle.keys():
+                if name in self.location:
+                    raise NpoJaxError(f"{file}: tensor '{name}' also appears in {self.location[name]}")
+                self.location[name] = file
+        if self._index_map is not None:
+            for name, shard in self._index_map.items():
+                if self.location.get(name) != self.folder / shard:
+                    raise NpoJaxError(
+                        f"{self.folder / INDEX_NAME}: maps tensor '{name}' to {shard}, which does not hold it"
+                    )
+
+    def _shard_files(self) -> list[Path]:
+        index = self.folder / INDEX_NAME
+        self._index_map = None
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise NpoJaxError(f"{index}: not a valid safetensors index ({e!r})") from None
+            self._index_map = weight_map
+            shards = sorted(set(weight_map.values()))
+            for shard in shards:
+                if not (self.folder / shard).is_file():
+                    raise NpoJaxError(f"{index}: points to missing shard file {self.folder / shard}")
+            return [self.folder / shard for shard in shards]
+        if (self.folder / SINGLE_NAME).is_file():
+            return [self.folder / SINGLE_NAME]
+        raise NpoJaxError(f"{self.folder}: no {SINGLE_NAME} or {INDEX_NAME} (is this an HF model folder?)")
+
+    def names(self) -> set[str]:
+        return set(self.location)
+
+    def info(self, name: str) -> tuple[str, tuple[int, ...]]:
+        """(safetensors dtype tag, shape) without reading the data."""
+        sl = self._handles[self.location[name]].get_slice(name)
+        return sl.get_dtype(), tuple(sl.get_shape())
+
+    def read(self, name: str) -> np.ndarray:
+        file = self.location[name]
+        try:
+            return self._handles[file].get_tensor(name)
+        except (SafetensorError, OSError) as e:
+            raise NpoJaxError(f"{file}: cannot read tensor '{name}' ({e})") from None
+
+
+def dtype_tag(dtype) -> str:
+    dtype = np.dtype(dtype)
+    if dtype not in _DTYPE_TAGS:
+        raise NpoJaxError(f"cannot write dtype {dtype} to safetensors (supported: float32, bfloat16, float16)")
+    return _DTYPE_TAGS[dtype]
+
+
+class SafetensorsWriter:
+    """Writes one safetensors file whose tensor list (names, dtypes, shapes) is known up front."""
+
+    def __init__(self, path: Path, entries: list[tuple[str, np.dtype, tuple[int, ...]]],
+                 metadata: dict[str, str] | None = None):
+        header: dict = {"__metadata__": metadata or {"format": "pt"}}
+        offset = 0
+        self._expected = []
+        for name, dtype, shape in entries:
+            nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+            header[name] = {"dtype": dtype_tag(dtype), "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            self._expected.append((name, np.dtype(dtype), tuple(shape)))
+            offset += nbytes
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)  # the data section starts 8-byte aligned
+        self._file = open(path, "wb")
+        self._file.write(struct.pack("<Q", len(blob)) + blob)
+        self._next = 0
+        self.path = path
+
+    def write(self, name: str, array: np.ndarray) -> None:
+        exp_name, exp_dtype, exp_shape = self._expected[self._next]
+        if (name, array.dtype, array.shape) != (exp_name, exp_dtype, exp_shape):
+            got = (name, array.dtype, array.shape)
+            raise AssertionError(f"writer expected {(exp_name, exp_dtype, exp_shape)}, got {got}")
+        # A uint8 view of the contiguous array: its bytes go to disk without another copy.
+        self._file.write(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
+        self._next += 1
+
+    def close(self) -> None:
+        if self._next != len(self._expected):
+            raise AssertionError(f"{self.path}: {len(self._expected) - self._next} tensors were not written")
+        self._file.close()

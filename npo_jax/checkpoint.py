@@ -1,0 +1,144 @@
+"""On-disk layout of Orbax checkpoints, and reading params out of them one tensor at a time.
+
+Two kinds of folder hold params:
+- a *params checkpoint* (written by `convert hf-to-orbax`): `params/` (Orbax PyTree of the
+  nested param dict), the source `config.json`, `generation_config.json`, tokenizer files and
+  `npo_jax_params.json` (what it is and in which dtype);
+- a *training checkpoint* (an `orbax.checkpoint.CheckpointManager` root): numbered step folders,
+  each with a `state` item whose `params` subtree holds the params, and the same config and
+  tokenizer files beside the step folders.
+Readers get the newest step of a training checkpoint and read only its params.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from convert.mapping import get_path, iter_paths, param_specs, set_path, stored_shape
+from npo_jax.config import LlamaConfig, read_config_dict
+from npo_jax.errors import NpoJaxError
+
+PARAMS_DIR = "params"
+STATE_ITEM = "state"
+MARKER = "npo_jax_params.json"
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "chat_template.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+)
+SIDE_FILES = ("config.json", "generation_config.json", *TOKENIZER_FILES)
+
+
+def copy_side_files(src: Path, dst: Path, names=SIDE_FILES) -> list[str]:
+    """Copy config, generation config and tokenizer files that exist in `src`; return their names."""
+    copied = []
+    for name in names:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+            copied.append(name)
+    return copied
+
+
+def save_params_checkpoint(dst: Path, params: dict, source: Path, dtype: str) -> None:
+    """Write a params checkpoint into the (new, empty) folder `dst`."""
+    with ocp.StandardCheckpointer() as checkpointer:  # closing waits for the async save
+        checkpointer.save((dst / PARAMS_DIR).absolute(), params)
+        checkpointer.wait_until_finished()
+    copy_side_files(source, dst)
+    (dst / MARKER).write_text(json.dumps({"format": "npo-jax-params", "version": 1, "dtype": dtype,
+                                          "source": str(source)}, indent=2) + "\n")
+
+
+def _step_dirs(root: Path) -> list[Path]:
+    return sorted((p for p in root.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
+
+
+class ParamsReader:
+    """Params of a params or training checkpoint, validated against the config, read per tensor."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise NpoJaxError(f"{self.folder}: no such checkpoint folder")
+        if (self.folder / MARKER).is_file() and (self.folder / PARAMS_DIR).is_dir():
+            self.item_dir, self.prefix = self.folder / PARAMS_DIR, ()
+        elif steps := [s for s in _step_dirs(self.folder) if (s / STATE_ITEM).is_dir()]:
+            self.item_dir, self.prefix = steps[-1] / STATE_ITEM, ("params",)
+        else:
+            raise NpoJaxError(
+                f"{self.folder}: not an npo-jax Orbax checkpoint (expected {PARAMS_DIR}/ and {MARKER} from "
+                f"`convert hf-to-orbax`, or numbered step folders with a '{STATE_ITEM}' item from training)"
+            )
+        self.raw_config = read_config_dict(self.folder / "config.json")
+        self.config = LlamaConfig.from_hf_dict(self.raw_config, source=str(self.folder / "config.json"))
+        try:
+            tree = ocp.PyTreeCheckpointer().metadata(self.item_dir.absolute()).item_metadata.tree
+        except Exception as e:  # orbax raises many types for a damaged folder
+            raise NpoJaxError(f"{self.item_dir}: cannot read Orbax checkpoint metadata ({e})") from None
+        for key in self.prefix:
+            if not isinstance(tree, dict) or key not in tree:
+                raise NpoJaxError(f"{self.item_dir}: checkpoint has no '{key}' subtree")
+            tree = tree[key]
+        self.metadata = {path: leaf for path, leaf in iter_paths(tree)}
+        self._validate()
+
+    def _validate(self) -> None:
+        expected = {spec.path: stored_shape(spec, self.config) for spec in param_specs(self.config)}
+        for path, shape in expected.items():
+            if path not in self.metadata:
+                raise NpoJaxError(f"{self.item_dir}: missing parameter '{'/'.join(path)}'")
+            got = tuple(self.metadata[path].shape)
+            if got != shape:
+                raise NpoJaxError(f"{self.item_dir}: parameter '{'/'.join(path)}' has shape {list(got)}, "
+                                  f"expected {list(shape)} from config.json")
+        for path in self.metadata:
+            if path not in expected:
+                raise NpoJaxError(f"{self.item_dir}: unexpected parameter '{'/'.join(path)}' for this config")
+
+    def dtype(self, path: tuple[str, ...]) -> np.dtype:
+        return np.dtype(self.metadata[path].dtype)
+
+    def read(self, path: tuple[str, ...]) -> np.ndarray:
+        """One parameter as a host numpy array (Orbax partial restore: nothing else is read)."""
+        return self._restore({path: None})[path]
+
+    def read_all(self, shardings: dict | None = None) -> dict:
+        """All params as a nested dict: numpy arrays, or jax arrays placed on `shardings`."""
+        flat = self._restore({path: None for path in self.metadata}, shardings)
+        out: dict = {}
+        for path, value in flat.items():
+            set_path(out, path, value)
+        return out
+
+    def _restore(self, paths: dict, shardings: dict | None = None) -> dict:
+        item, args = {}, {}
+        for path in paths:
+            meta = self.metadata[path]
+            full = (*self.prefix, *path)
+            sharding = None if shardings is None else get_path(shardings, path)
+            abstract = jax.ShapeDtypeStruct(meta.shape, meta.dtype, sharding=sharding)
+            arg = (ocp.ArrayRestoreArgs(sharding=sharding) if sharding is not None
+                   else ocp.RestoreArgs(restore_type=np.ndarray))
+            set_path(item, full, abstract)
+            set_path(args, full, arg)
+        try:
+            restored = ocp.PyTreeCheckpointer().restore(
+                self.item_dir.absolute(),
+                args=ocp.args.PyTreeRestore(item=item, restore_args=args, partial_restore=True),
+            )
+        except Exception as e:
+            raise NpoJaxError(f"{self.item_dir}: cannot restore parameters ({e})") from None
+        return {path: get_path(restored, (*self.prefix, *path)) for path in paths}
+

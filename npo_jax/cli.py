@@ -1,0 +1,58 @@
+"""The `npo-jax` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from npo_jax.errors import NpoJaxError
+
+
+def _convert_parser(sub) -> None:
+    conv = sub.add_parser("convert", help="convert between HF safetensors and Orbax checkpoints")
+    kinds = conv.add_subparsers(dest="direction", required=True)
+    h2o = kinds.add_parser("hf-to-orbax", help="HF model folder -> Orbax params checkpoint")
+    h2o.add_argument("src", help="HF model folder (config.json, model.safetensors[.index.json])")
+    h2o.add_argument("dst", help="output checkpoint folder (must not exist unless --overwrite)")
+    h2o.add_argument("--dtype", default="float32", help="params dtype: float32 (default), bfloat16, float16")
+    h2o.add_argument("--overwrite", action="store_true")
+    o2h = kinds.add_parser("orbax-to-hf", help="Orbax params or training checkpoint -> HF model folder")
+    o2h.add_argument("src", help="params checkpoint (from hf-to-orbax) or training checkpoint folder")
+    o2h.add_argument("dst", help="output HF folder (must not exist unless --overwrite)")
+    o2h.add_argument("--dtype", default=None, help="weights dtype (default: the source model's, else bfloat16)")
+    o2h.add_argument("--tokenizer-from", default=None, help="folder to copy tokenizer files from")
+    o2h.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
+    o2h.add_argument("--overwrite", action="store_true")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="npo-jax", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _convert_parser(sub)
+    return parser
+
+
+def _run(args) -> None:
+    if args.command == "convert":
+        from convert import hf_to_orbax, orbax_to_hf
+
+        if args.direction == "hf-to-orbax":
+            out = hf_to_orbax(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite)
+        else:
+            out = orbax_to_hf(args.src, args.dst, dtype=args.dtype, tokenizer_from=args.tokenizer_from,
+                              max_shard_size=args.max_shard_size, overwrite=args.overwrite)
+        print(f"wrote {out}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        _run(args)
+    except NpoJaxError as e:
+        print(f"npo-jax: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

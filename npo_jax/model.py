@@ -1,0 +1,223 @@
+"""Llama-3.x decoder in Flax NNX, numerically matching `transformers.LlamaForCausalLM`.
+
+Parameter paths mirror HF names (`layers/self_attn/q_proj/kernel`); kernels are the transposes
+of torch's `(out, in)` weights. Decoder layers are stacked on a leading layer axis and run under
+`jax.lax.scan`, so compile time does not grow with depth. Params are kept in `param_dtype`
+(float32 master weights); matmuls run in `compute_dtype`; RMSNorm and softmax in float32.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from npo_jax.config import LlamaConfig
+from npo_jax.rope import apply_rope, inverse_frequencies, rope_cos_sin
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class KVCache(NamedTuple):
+    """Keys and values of every layer, (layers, batch, slots, kv_heads, head_dim)."""
+
+    k: jax.Array
+    v: jax.Array
+
+    @classmethod
+    def zeros(cls, cfg: LlamaConfig, batch: int, slots: int, dtype) -> KVCache:
+        shape = (cfg.num_hidden_layers, batch, slots, cfg.num_key_value_heads, cfg.head_dim)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+
+def _normal(rngs: nnx.Rngs, shape, dtype, std=0.02):
+    return std * jax.random.normal(rngs.params(), shape, dtype)
+
+
+class Linear(nnx.Module):
+    """y = x @ kernel (+ bias); kernel (in, out), with optional leading stack axes."""
+
+    def __init__(self, d_in, d_out, *, use_bias, stack, rngs, param_dtype, compute_dtype):
+        self.kernel = nnx.Param(_normal(rngs, (*stack, d_in, d_out), param_dtype))
+        self.bias = nnx.Param(jnp.zeros((*stack, d_out), param_dtype)) if use_bias else None
+        self.compute_dtype = compute_dtype
+
+    def __call__(self, x):
+        y = jnp.dot(x.astype(self.compute_dtype), self.kernel[...].astype(self.compute_dtype))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.compute_dtype)
+        return y
+
+
+class RMSNorm(nnx.Module):
+    """HF LlamaRMSNorm: normalise in float32, cast back, then scale."""
+
+    def __init__(self, dim, *, eps, stack, param_dtype):
+        self.scale = nnx.Param(jnp.ones((*stack, dim), param_dtype))
+        self.eps = eps
+
+    def __call__(self, x):
+        h = x.astype(jnp.float32)
+        h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + self.eps)
+        return self.scale[...].astype(x.dtype) * h.astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: LlamaConfig, *, stack, rngs, param_dtype, compute_dtype):
+        kw = dict(use_bias=cfg.attention_bias, stack=stack, rngs=rngs, param_dtype=param_dtype,
+                  compute_dtype=compute_dtype)
+        h, kv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = Linear(cfg.hidden_size, h * d, **kw)
+        self.k_proj = Linear(cfg.hidden_size, kv * d, **kw)
+        self.v_proj = Linear(cfg.hidden_size, kv * d, **kw)
+        self.o_proj = Linear(h * d, cfg.hidden_size, **kw)
+        self.num_kv_heads, self.num_groups, self.head_dim = kv, cfg.num_query_groups, d
+
+    def __call__(self, x, cos, sin, mask, kv_cache, cache_index):
+        b, t, _ = x.shape
+        kvh, g, d = self.num_kv_heads, self.num_groups, self.head_dim
+        q = apply_rope(self.q_proj(x).reshape(b, t, kvh * g, d), cos, sin)
+        k = apply_rope(self.k_proj(x).reshape(b, t, kvh, d), cos, sin)
+        v = self.v_proj(x).reshape(b, t, kvh, d)
+        if kv_cache is not None:
+            k_all, v_all = kv_cache
+            k = jax.lax.dynamic_update_slice(k_all, k.astype(k_all.dtype), (0, cache_index, 0, 0))
+            v = jax.lax.dynamic_update_slice(v_all, v.astype(v_all.dtype), (0, cache_index, 0, 0))
+            kv_cache = (k, v)
+        # Query heads are grouped per KV head (HF's repeat_kv order) instead of repeating K/V.
+        q = q.reshape(b, t, kvh, g, d)
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(q.dtype),
+                            preferred_element_type=jnp.float32) * (d ** -0.5)
+        scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(q.dtype)).reshape(b, t, kvh * g * d)
+        return self.o_proj(out), kv_cache
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: LlamaConfig, *, stack, rngs, param_dtype, compute_dtype):
+        kw = dict(use_bias=cfg.mlp_bias, stack=stack, rngs=rngs, param_dtype=param_dtype,
+                  compute_dtype=compute_dtype)
+        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, **kw)
+        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, **kw)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, **kw)
+
+    def __call__(self, x):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+    """One decoder layer; built with `stack=(num_layers,)` it holds all layers' params."""
+
+    def __init__(self, cfg: LlamaConfig, *, stack, rngs, param_dtype, compute_dtype):
+        kw = dict(stack=stack, rngs=rngs, param_dtype=param_dtype, compute_dtype=compute_dtype)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, stack=stack,
+                                       param_dtype=param_dtype)
+        self.self_attn = Attention(cfg, **kw)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, stack=stack,
+                                                param_dtype=param_dtype)
+        self.mlp = MLP(cfg, **kw)
+
+    def __call__(self, x, cos, sin, mask, kv_cache, cache_index):
+        attn, kv_cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache, cache_index)
+        x = x + attn
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, kv_cache
+
+
+class Embed(nnx.Module):
+    def __init__(self, vocab, dim, *, rngs, param_dtype):
+        self.embedding = nnx.Param(_normal(rngs, (vocab, dim), param_dtype))
+
+    def __call__(self, ids):
+        return jnp.take(self.embedding[...], ids, axis=0)
+
+
+class LlamaForCausalLM(nnx.Module):
+    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32,
+                 compute_dtype=jnp.float32, remat: str = "none"):
+        if remat not in REMAT_POLICIES:
+            raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {remat!r}")
+        self.config = cfg
+        self.compute_dtype = compute_dtype
+        self.remat = remat
+        self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, rngs=rngs, param_dtype=param_dtype)
+        self.layers = DecoderLayer(cfg, stack=(cfg.num_hidden_layers,), rngs=rngs,
+                                   param_dtype=param_dtype, compute_dtype=compute_dtype)
+        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, stack=(), param_dtype=param_dtype)
+        self.lm_head = None if cfg.tie_word_embeddings else Linear(
+            cfg.hidden_size, cfg.vocab_size, use_bias=False, stack=(), rngs=rngs, param_dtype=param_dtype,
+            compute_dtype=compute_dtype)
+
+    def hidden_states(self, input_ids, attention_mask=None, positions=None, cache: KVCache | None = None,
+                      cache_index=0):
+        """Final-norm hidden states (batch, seq, hidden) in compute dtype, and the updated cache.
+
+        Without a cache, `attention_mask` (batch, seq) marks real tokens and positions default
+        to `cumsum(mask) - 1`, so left and right padding both match HF. With a cache,
+        `attention_mask` covers all cache slots (batch, slots), the new tokens are written at
+        `cache_index`, and `positions` must be given.
+        """
+        b, t = input_ids.shape
+        if attention_mask is None:
+            attention_mask = jnp.ones((b, t if cache is None else cache.k.shape[2]), jnp.int32)
+        attention_mask = attention_mask.astype(jnp.int32)
+        if positions is None:
+            if cache is not None:
+                raise ValueError("positions are required when decoding with a cache")
+            positions = jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0)
+        query_slots = cache_index + jnp.arange(t)
+        key_slots = jnp.arange(attention_mask.shape[-1])
+        mask = (key_slots[None, :] <= query_slots[:, None])[None] & (attention_mask[:, None, :] > 0)
+        cos, sin = rope_cos_sin(jnp.asarray(inverse_frequencies(self.config)), positions)
+
+        x = self.embed_tokens(input_ids).astype(self.compute_dtype)
+        graphdef, layer_state = nnx.split(self.layers)
+
+        def body(h, xs):
+            state, kv = xs
+            layer = nnx.merge(graphdef, state)
+            return layer(h, cos, sin, mask, kv, cache_index)
+
+        policy = REMAT_POLICIES[self.remat]
+        if self.remat != "none":
+            body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+        kv_in = None if cache is None else (cache.k, cache.v)
+        x, kv_out = jax.lax.scan(body, x, (layer_state, kv_in))
+        new_cache = None if cache is None else KVCache(*kv_out)
+        return self.norm(x), new_cache
+
+    def logits(self, h):
+        """float32 logits from hidden states (any leading shape)."""
+        if self.lm_head is None:
+            w = self.embed_tokens.embedding[...].astype(self.compute_dtype)
+            return jnp.einsum("...d,vd->...v", h.astype(self.compute_dtype), w,
+                              preferred_element_type=jnp.float32)
+        w = self.lm_head.kernel[...].astype(self.compute_dtype)
+        return jnp.einsum("...d,dv->...v", h.astype(self.compute_dtype), w,
+                          preferred_element_type=jnp.float32)
+
+    def __call__(self, input_ids, attention_mask=None, positions=None):
+        h, _ = self.hidden_states(input_ids, attention_mask, positions)
+        return self.logits(h)
+
+
+def abstract_model(cfg: LlamaConfig, **kwargs) -> LlamaForCausalLM:
+    """The model with ShapeDtypeStruct leaves: no memory, for shapes and restore targets."""
+    return nnx.eval_shape(lambda: LlamaForCausalLM(cfg, rngs=nnx.Rngs(0), **kwargs))
+
+
+def split_params(model: LlamaForCausalLM):
+    """(graphdef, params as a plain nested dict): what crosses jit, Orbax and the converters."""
+    graphdef, state = nnx.split(model)
+    return graphdef, nnx.to_pure_dict(state)
+
+
+def merge_params(graphdef, params) -> LlamaForCausalLM:
+    return nnx.merge(graphdef, params)
