@@ -1,8 +1,8 @@
 """HF Llama folder (safetensors) -> our param tree -> Orbax params checkpoint.
 
 Tensor by tensor: each of our (stacked) params is filled layer by layer from memory-mapped
-safetensors, cast on assignment, and optionally placed onto its sharding before the next one is
-read. The torch model is never built.
+safetensors, cast on assignment, optionally placed onto its sharding, and written to the
+checkpoint before the next one is read. The torch model is never built.
 """
 
 from __future__ import annotations
@@ -50,34 +50,60 @@ def validate_hf_tensors(weights: HFWeights, cfg: LlamaConfig) -> None:
         raise NpoJaxError(f"{weights.location[extra[0]]}: unexpected tensor '{extra[0]}'{hint}{more}")
 
 
-def load_hf_params(folder: str | Path, dtype: str = "float32", shardings: dict | None = None,
-                   progress: bool = False) -> tuple[LlamaConfig, dict]:
-    """Read an HF Llama folder into our nested param dict (numpy, or jax arrays on `shardings`)."""
+def read_hf_params(folder: str | Path, dtype: str = "float32", shardings: dict | None = None,
+                   progress: bool = False):
+    """Validate an HF Llama folder, then stream our params from it.
+
+    Returns (config, iterator of (path, array)): each array is one of our (stacked) params in
+    `dtype`, filled layer by layer from memory-mapped safetensors, and placed on its sharding
+    when `shardings` is given. Everything is checked before the first tensor is read.
+    """
     folder = Path(folder)
     cfg = LlamaConfig.from_hf_dict(read_config_dict(folder / "config.json"), source=str(folder / "config.json"))
     weights = HFWeights(folder)
     validate_hf_tensors(weights, cfg)
     target = np_dtype(dtype)
+
+    def arrays():
+        for spec in tqdm(param_specs(cfg), desc="hf -> params", unit="tensor", disable=not progress):
+            array = np.empty(stored_shape(spec, cfg), target)
+            if spec.stacked:
+                for i, name in enumerate(spec.hf_names(cfg.num_hidden_layers)):
+                    array[i] = spec.from_hf(weights.read(name))
+            else:
+                array[...] = spec.from_hf(weights.read(spec.hf_name))
+            if shardings is not None:
+                array = jax.device_put(array, get_path(shardings, spec.path))
+            yield spec.path, array
+
+    return cfg, arrays()
+
+
+def load_hf_params(folder: str | Path, dtype: str = "float32", shardings: dict | None = None,
+                   progress: bool = False) -> tuple[LlamaConfig, dict]:
+    """Read an HF Llama folder into our nested param dict (numpy, or jax arrays on `shardings`)."""
+    cfg, arrays = read_hf_params(folder, dtype, shardings, progress)
     params: dict = {}
-    specs = param_specs(cfg)
-    for spec in tqdm(specs, desc="hf -> params", unit="tensor", disable=not progress):
-        array = np.empty(stored_shape(spec, cfg), target)
-        if spec.stacked:
-            for i, name in enumerate(spec.hf_names(cfg.num_hidden_layers)):
-                array[i] = spec.from_hf(weights.read(name))
-        else:
-            array[...] = spec.from_hf(weights.read(spec.hf_name))
-        if shardings is not None:
-            array = jax.device_put(array, get_path(shardings, spec.path))
-        set_path(params, spec.path, array)
+    for path, array in arrays:
+        set_path(params, path, array)
     return cfg, params
 
 
 def hf_to_orbax(src: str | Path, dst: str | Path, dtype: str = "float32", overwrite: bool = False,
-                progress: bool = True) -> Path:
-    """Convert an HF folder into an Orbax params checkpoint folder `dst`, all or nothing."""
+                progress: bool = True, mesh=None) -> Path:
+    """Convert an HF folder into an Orbax params checkpoint folder `dst`, all or nothing.
+
+    With a `mesh`, each tensor is placed onto its sharding (`npo_jax.sharding`) as it is read,
+    so no host ever holds more than one full tensor, and Orbax writes the shards.
+    """
     src, dst = Path(src), check_output_dir(dst, overwrite)
-    _, params = load_hf_params(src, dtype, progress=progress)  # validates before dst is touched
+    shardings = None
+    if mesh is not None:
+        from npo_jax.sharding import param_shardings
+
+        cfg = LlamaConfig.from_hf_dict(read_config_dict(src / "config.json"), source=str(src / "config.json"))
+        shardings = param_shardings(cfg, mesh)
+    _, arrays = read_hf_params(src, dtype, shardings, progress=progress)  # validates before dst is touched
     with atomic_output_dir(dst, overwrite) as tmp:
-        save_params_checkpoint(tmp, params, src, dtype)
+        save_params_checkpoint(tmp, arrays, src, dtype)
     return dst

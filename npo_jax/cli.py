@@ -15,6 +15,8 @@ def _convert_parser(sub) -> None:
     h2o.add_argument("src", help="HF model folder (config.json, model.safetensors[.index.json])")
     h2o.add_argument("dst", help="output checkpoint folder (must not exist unless --overwrite)")
     h2o.add_argument("--dtype", default="float32", help="params dtype: float32 (default), bfloat16, float16")
+    h2o.add_argument("--mesh", default=None, metavar="AXES",
+                     help="place params on a device mesh while converting, e.g. fsdp=8 or data=2,fsdp=4")
     h2o.add_argument("--overwrite", action="store_true")
     o2h = kinds.add_parser("orbax-to-hf", help="Orbax params or training checkpoint -> HF model folder")
     o2h.add_argument("src", help="params checkpoint (from hf-to-orbax) or training checkpoint folder")
@@ -23,6 +25,22 @@ def _convert_parser(sub) -> None:
     o2h.add_argument("--tokenizer-from", default=None, help="folder to copy tokenizer files from")
     o2h.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
     o2h.add_argument("--overwrite", action="store_true")
+
+
+def parse_mesh(text: str):
+    """'data=2,fsdp=4' -> a ("data", "fsdp", "tensor") Mesh over all devices."""
+    from npo_jax.sharding import MESH_AXES, make_mesh
+
+    sizes = {}
+    for part in text.split(","):
+        name, _, value = part.partition("=")
+        if name.strip() not in MESH_AXES or not value.strip().isdigit():
+            raise NpoJaxError(f"--mesh: cannot read {part!r} (use e.g. fsdp=8 or data=2,fsdp=2,tensor=2)")
+        sizes[name.strip()] = int(value)
+    try:
+        return make_mesh(**sizes)
+    except ValueError as e:
+        raise NpoJaxError(f"--mesh {text}: {e}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,7 +55,8 @@ def _run(args) -> None:
         from convert import hf_to_orbax, orbax_to_hf
 
         if args.direction == "hf-to-orbax":
-            out = hf_to_orbax(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite)
+            mesh = parse_mesh(args.mesh) if args.mesh else None
+            out = hf_to_orbax(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite, mesh=mesh)
         else:
             out = orbax_to_hf(args.src, args.dst, dtype=args.dtype, tokenizer_from=args.tokenizer_from,
                               max_shard_size=args.max_shard_size, overwrite=args.overwrite)

@@ -170,6 +170,12 @@ def test_output_exists_unless_overwrite(hf_dir, tmp_path, capsys):
     assert not (out / "keep.txt").exists() and (out / "params").is_dir()
 
 
+def test_bad_mesh(hf_dir, tmp_path, capsys):
+    argv = ["convert", "hf-to-orbax", str(hf_dir), str(tmp_path / "out"), "--mesh"]
+    _assert_fails(capsys, [*argv, "fsdp=3"], "needs 3 devices, have 8")
+    _assert_fails(capsys, [*argv, "model=8"], "--mesh: cannot read 'model=8'")
+
+
 def test_bad_dtype_and_shard_size(hf_dir, tmp_path, capsys):
     _assert_fails(capsys, ["convert", "hf-to-orbax", str(hf_dir), str(tmp_path / "out"), "--dtype", "int8"],
                   "unsupported dtype 'int8'")

@@ -129,8 +129,9 @@ def test_load_onto_mesh(tmp_path, axes):
     assert block == (cfg.num_hidden_layers, 64 // axes.get("fsdp", 1), 64 // axes.get("tensor", 1))
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), placed, host)
 
-    # a restore from Orbax lands on the same shardings
-    assert main(["convert", "hf-to-orbax", str(src), str(tmp_path / "ckpt")]) == 0
+    # a sharded conversion writes the same checkpoint, and a restore lands on the same shardings
+    mesh_arg = ",".join(f"{k}={v}" for k, v in axes.items())
+    assert main(["convert", "hf-to-orbax", str(src), str(tmp_path / "ckpt"), "--mesh", mesh_arg]) == 0
     restored = ParamsReader(tmp_path / "ckpt").read_all(shardings)
     assert restored["lm_head"]["kernel"].sharding == shardings["lm_head"]["kernel"]
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), restored, host)
