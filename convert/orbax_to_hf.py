@@ -21,6 +21,7 @@ from npo_jax.checkpoint import TOKENIZER_FILES, ParamsReader, copy_side_files
 from npo_jax.config import with_dtype
 from npo_jax.errors import NpoJaxError
 from npo_jax.fs import atomic_output_dir, check_output_dir
+from npo_jax.memory import trim_host_memory
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -66,6 +67,8 @@ def _hf_tensors(reader: ParamsReader, specs, out_dtype):
         pieces = array if spec.stacked else [array]
         for name, piece in zip(spec.hf_names(layers), pieces, strict=True):
             yield name, np.ascontiguousarray(spec.to_hf(piece).astype(out_dtype))
+        del array, pieces
+        trim_host_memory()
 
 
 def orbax_to_hf(src: str | Path, dst: str | Path, dtype: str | None = None,

@@ -26,6 +26,7 @@ from orbax.checkpoint import v1 as ocp_v1
 from convert.mapping import get_path, iter_paths, param_specs, set_path, stored_shape
 from npo_jax.config import LlamaConfig, read_config_dict
 from npo_jax.errors import NpoJaxError
+from npo_jax.memory import trim_host_memory
 
 PARAMS_DIR = "params"
 STATE_ITEM = "state"
@@ -68,6 +69,7 @@ def save_params_checkpoint(dst: Path, arrays: Iterable[tuple[tuple[str, ...], ob
         set_path(tree, path, array)
         ocp_v1.partial.save(target, tree)
         del tree, array
+        trim_host_memory()
     ocp_v1.partial.finalize(target)
     copy_side_files(source, dst)
     (dst / MARKER).write_text(json.dumps({"format": "npo-jax-params", "version": 1, "dtype": dtype,
