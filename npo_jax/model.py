@@ -132,11 +132,18 @@ class DecoderLayer(nnx.Module):
 
 
 class Embed(nnx.Module):
-    def __init__(self, vocab, dim, *, rngs, param_dtype):
+    """Token embedding; like torch's `nn.Embedding(padding_idx=pad_token_id)` in HF, the pad
+    token's row gets no gradient."""
+
+    def __init__(self, vocab, dim, *, rngs, param_dtype, pad_id=None):
         self.embedding = nnx.Param(_normal(rngs, (vocab, dim), param_dtype))
+        self.pad_id = pad_id
 
     def __call__(self, ids):
-        return jnp.take(self.embedding[...], ids, axis=0)
+        x = jnp.take(self.embedding[...], ids, axis=0)
+        if self.pad_id is not None:
+            x = jnp.where((ids == self.pad_id)[..., None], jax.lax.stop_gradient(x), x)
+        return x
 
 
 class LlamaForCausalLM(nnx.Module):
@@ -147,7 +154,8 @@ class LlamaForCausalLM(nnx.Module):
         self.config = cfg
         self.compute_dtype = compute_dtype
         self.remat = remat
-        self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, rngs=rngs, param_dtype=param_dtype)
+        self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, rngs=rngs, param_dtype=param_dtype,
+                                  pad_id=cfg.pad_token_id)
         self.layers = DecoderLayer(cfg, stack=(cfg.num_hidden_layers,), rngs=rngs,
                                    param_dtype=param_dtype, compute_dtype=compute_dtype)
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, stack=(), param_dtype=param_dtype)

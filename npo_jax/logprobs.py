@@ -1,0 +1,61 @@
+"""Per-token log-probs (and KL to a reference) from hidden states, a chunk of positions at a time.
+
+Full float32 logits for a batch of 128k-vocab sequences would dominate memory (32 x 512 x 128256
+x 4 B = 8.4 GB); only each label's log-prob is needed. Positions are processed in chunks under
+`jax.checkpoint`, so the backward pass recomputes each chunk's logits instead of storing them.
+All functions use HF's causal shift: hidden state t predicts token t + 1.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+IGNORE = -100
+
+
+def _chunked(fn, arrays, chunk: int):
+    """Apply fn to position chunks of (batch, positions, ...) arrays and concatenate along positions."""
+    b, t = arrays[0].shape[:2]
+    n = -(-t // chunk)
+    pad = n * chunk - t
+
+    def split(x):
+        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+        return jnp.moveaxis(x.reshape(b, n, chunk, *x.shape[2:]), 1, 0)
+
+    body = jax.checkpoint(fn)
+    out = jax.lax.map(lambda xs: body(*xs), tuple(split(x) for x in arrays))
+    return jnp.moveaxis(out, 0, 1).reshape(b, n * chunk, *out.shape[3:])[:, :t]
+
+
+def token_logprobs(logits_fn, hidden, labels, chunk: int = 128):
+    """(log p(label_{t+1} | ..t), mask) for t < T-1; both (batch, T-1); mask is labels != -100."""
+    h, target = hidden[:, :-1], labels[:, 1:]
+    mask = target != IGNORE
+    safe = jnp.where(mask, target, 0)
+
+    def chunk_logp(h_c, y_c):
+        logits = logits_fn(h_c)  # float32 (batch, chunk, vocab)
+        label_logit = jnp.take_along_axis(logits, y_c[..., None], axis=-1)[..., 0]
+        return label_logit - jax.nn.logsumexp(logits, axis=-1)
+
+    logp = _chunked(chunk_logp, (h, safe), min(chunk, h.shape[1]))
+    return jnp.where(mask, logp, 0.0), mask
+
+
+def kl_to_reference(logits_fn, hidden, ref_logits_fn, ref_hidden, chunk: int = 128):
+    """KL(p_ref || p_model) summed over the vocabulary at every position: (batch, T)."""
+
+    def chunk_kl(h_c, r_c):
+        logp = jax.nn.log_softmax(logits_fn(h_c), axis=-1)
+        ref_logp = jax.nn.log_softmax(ref_logits_fn(r_c), axis=-1)
+        return jnp.sum(jnp.exp(ref_logp) * (ref_logp - logp), axis=-1)
+
+    return _chunked(chunk_kl, (hidden, ref_hidden), min(chunk, hidden.shape[1]))
+
+
+def sequence_logprob(logits_fn, hidden, labels, chunk: int = 128):
+    """Summed log-prob of each sequence's labelled tokens, and their count: (batch,), (batch,)."""
+    logp, mask = token_logprobs(logits_fn, hidden, labels, chunk)
+    return logp.sum(-1), mask.sum(-1)

@@ -1,0 +1,110 @@
+"""Unlearning and fine-tuning objectives with open-unlearning's definitions.
+
+A step's examples are grouped into *units* of `per_device_batch` consecutive examples (what one
+device sees in one micro-batch). Each unit's loss follows open-unlearning exactly (NPO: mean over
+the unit's sequences; NLL: HF's token mean over the unit; KL: `batchmean` over the unit's
+positions), and a step's loss is the mean over its units: HF Trainer's average over
+micro-batches and devices, whatever the split of units over devices and accumulation.
+
+Sequence NLL is the sum (not mean) of token cross-entropy over labelled positions.
+- NPO:     forget = -(2/beta) * mean log sigmoid(-beta * (log p(y|x) - log p_ref(y|x)))
+- SimNPO:  forget = -(2/beta) * mean log sigmoid(beta * (NLL(y|x)/|y| - delta))
+- GradAscent / GradDiff: forget = -(token-mean NLL)
+- retain:  NLL (token mean) or KL(p_ref || p) summed over the vocabulary, mean over positions
+- total:   gamma * forget + alpha * retain   (GradAscent: forget only)
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from npo_jax.logprobs import kl_to_reference, sequence_logprob
+
+
+class Objective(NamedTuple):
+    method: str  # NPO | SimNPO | GradAscent | GradDiff | finetune
+    beta: float = 0.1
+    alpha: float = 1.0
+    gamma: float = 1.0
+    delta: float = 0.0
+    retain_loss: str = "NLL"  # NLL | KL
+    reference: str = "cached"  # cached | live
+
+    @property
+    def needs_live_reference(self) -> bool:
+        return (self.method == "NPO" and self.reference == "live") or (
+            self.method != "finetune" and self.method != "GradAscent" and self.retain_loss == "KL")
+
+    @property
+    def uses_retain(self) -> bool:
+        return self.method in ("NPO", "SimNPO", "GradDiff")
+
+
+def _units(x, units: int):
+    return x.reshape(units, -1, *x.shape[1:])
+
+
+def _token_mean_nll(logp_sum, n_tokens, units):
+    """HF's causal-LM loss per unit: summed token NLL over the unit / its labelled tokens."""
+    return -_units(logp_sum, units).sum(1) / jnp.maximum(_units(n_tokens, units).sum(1), 1)
+
+
+def train_hidden(model, input_ids, attention_mask):
+    """Hidden states of a right-padded training batch with positions 0..L-1, as HF's forward uses
+    without position_ids: padding (and eot tokens the quirk mask hides) keep arange positions."""
+    positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
+    return model.hidden_states(input_ids, attention_mask, positions)[0]
+
+
+def objective_loss(model, ref_model, batch: dict, obj: Objective, units: int):
+    """Per-unit losses (units,) and a dict of per-unit terms, for one micro-batch.
+
+    `batch` holds (n, L) `input_ids`, `labels`, `attention_mask` under "forget" and, for methods
+    with a retain term, "retain"; cached NPO also has "forget_ref_logp" (n,). For "finetune" the
+    training examples are under "forget".
+    """
+    forget = batch["forget"]
+    groups = [forget] + ([batch["retain"]] if obj.uses_retain else [])
+    n = forget["input_ids"].shape[0]
+    cat = {k: jnp.concatenate([g[k] for g in groups]) for k in ("input_ids", "attention_mask")}
+    hidden = train_hidden(model, cat["input_ids"], cat["attention_mask"])
+    h_forget, h_retain = hidden[:n], hidden[n:]
+
+    logp, n_tok = sequence_logprob(model.logits, h_forget, forget["labels"])
+    aux = {}
+    if obj.method in ("finetune", "GradAscent", "GradDiff"):
+        nll = _token_mean_nll(logp, n_tok, units)
+        forget_loss = nll if obj.method == "finetune" else -nll
+    elif obj.method == "NPO":
+        if obj.reference == "cached":
+            ref_logp = batch["forget_ref_logp"]
+        else:
+            ref_h = train_hidden(ref_model, forget["input_ids"], forget["attention_mask"])
+            ref_logp, _ = sequence_logprob(ref_model.logits, ref_h, forget["labels"])
+            ref_logp = jax.lax.stop_gradient(ref_logp)
+        log_ratio = logp - ref_logp
+        forget_loss = -(2.0 / obj.beta) * _units(jax.nn.log_sigmoid(-obj.beta * log_ratio), units).mean(1)
+    elif obj.method == "SimNPO":
+        per_token_nll = -logp / jnp.maximum(n_tok, 1)
+        forget_loss = -(2.0 / obj.beta) * _units(
+            jax.nn.log_sigmoid(obj.beta * (per_token_nll - obj.delta)), units).mean(1)
+    else:
+        raise ValueError(f"unknown method {obj.method!r}")
+    aux["forget_loss"] = forget_loss
+
+    if not obj.uses_retain:
+        return (forget_loss if obj.method == "finetune" else obj.gamma * forget_loss), aux
+
+    retain = batch["retain"]
+    if obj.retain_loss == "NLL":
+        r_logp, r_tok = sequence_logprob(model.logits, h_retain, retain["labels"])
+        retain_loss = _token_mean_nll(r_logp, r_tok, units)
+    else:
+        ref_h = train_hidden(ref_model, retain["input_ids"], retain["attention_mask"])
+        kl = kl_to_reference(model.logits, h_retain, ref_model.logits, jax.lax.stop_gradient(ref_h))
+        retain_loss = _units(kl, units).mean(axis=(1, 2))  # batchmean over the unit's positions
+    aux["retain_loss"] = retain_loss
+    return obj.gamma * forget_loss + obj.alpha * retain_loss, aux

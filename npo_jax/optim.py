@@ -1,0 +1,49 @@
+"""AdamW + clipping + linear warmup/decay, as the HF Trainer open-unlearning uses builds them.
+
+- AdamW (decoupled weight decay) with weight decay off for norm weights and biases (HF's
+  decay-parameter rule);
+- gradients clipped to a global norm (HF: `clip_grad_norm_` before the step);
+- lr(k) for update k = 0, 1, ...: lr * k / warmup during warmup, then a linear decay to 0 at the
+  last update (HF `get_linear_schedule_with_warmup`: the first update has lr 0 when warmup > 0);
+- warmup steps = int(warmup_epochs * len(forget) // effective_batch) (open-unlearning).
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import optax
+
+from convert.mapping import iter_paths, set_path
+
+
+def warmup_steps(warmup_epochs: float, dataset_len: int, effective_batch: int) -> int:
+    return int(warmup_epochs * dataset_len // effective_batch)
+
+
+def linear_schedule(lr: float, warmup: int, total: int):
+    def schedule(count):
+        count = jnp.asarray(count, jnp.float32)
+        warm = lr * count / max(warmup, 1)
+        decay = lr * jnp.maximum(0.0, (total - count) / max(total - warmup, 1))
+        return jnp.where(count < warmup, warm, decay)
+
+    return schedule
+
+
+def decay_mask(params: dict) -> dict:
+    """True where weight decay applies: kernels and embeddings, not norm scales or biases."""
+    mask: dict = {}
+    for path, _ in iter_paths(params):
+        set_path(mask, path, path[-1] not in ("scale", "bias"))
+    return mask
+
+
+def make_optimizer(params, *, lr, total_steps, warmup, weight_decay, max_grad_norm, b1=0.9, b2=0.999,
+                   eps=1e-8) -> tuple[optax.GradientTransformation, callable]:
+    schedule = linear_schedule(lr, warmup, total_steps)
+    tx = optax.chain(
+        optax.clip_by_global_norm(max_grad_norm),
+        optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask(params)),
+    )
+    return tx, schedule
+

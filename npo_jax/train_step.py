@@ -1,0 +1,99 @@
+"""One optimizer step, under `jit` over a mesh (sharded) or under `pmap` (replicated).
+
+Both strategies share `accumulated_grads`: value-and-grad of the objective for each
+micro-batch, summed under a `lax.scan` over micro-batches and divided by their number. The step
+batch has leaves (accum, n, ...) where n = units per micro-batch x per_device_batch; under pmap a
+leading device axis is added and each device's micro-batch is one unit.
+
+The train state is a plain dict {"params", "opt_state", "step"} that Orbax saves as is.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding, PartitionSpec
+
+from npo_jax.losses import Objective, objective_loss
+from npo_jax.model import merge_params
+
+BATCH_AXES = ("data", "fsdp")
+
+
+def accumulated_grads(graphdef, obj: Objective, params, ref_params, batch, units: int):
+    """Mean loss, aux terms and gradients over the micro-batches of `batch` (leading axis)."""
+
+    def loss_fn(p, micro):
+        model = merge_params(graphdef, p)
+        ref_model = merge_params(graphdef, ref_params) if ref_params is not None else None
+        unit_losses, aux = objective_loss(model, ref_model, micro, obj, units)
+        return unit_losses.mean(), {k: v.mean() for k, v in aux.items()}
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def body(acc, micro):
+        (loss, aux), grads = grad_fn(params, micro)
+        return jax.tree.map(jnp.add, acc, grads), (loss, aux)
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    grads, (losses, auxes) = jax.lax.scan(body, zeros, batch)
+    accum = losses.shape[0]
+    grads = jax.tree.map(lambda g: g / accum, grads)
+    return losses.mean(), {k: v.mean() for k, v in auxes.items()}, grads
+
+
+def _apply(state, grads, loss, aux, tx, schedule):
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    metrics = {"loss": loss, **aux, "grad_norm": optax.global_norm(grads), "lr": schedule(state["step"])}
+    return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
+
+
+def init_state(params, tx) -> dict:
+    return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+
+
+def batch_shardings(batch, mesh) -> dict:
+    """Micro-batch rows split over the data and fsdp axes; the accumulation axis stays whole."""
+    return jax.tree.map(lambda x: NamedSharding(mesh, PartitionSpec(None, BATCH_AXES)), batch)
+
+
+def make_sharded_step(graphdef, obj: Objective, tx, schedule, mesh, state_shardings, units: int,
+                      ref_shardings=None):
+    """step(state, ref_params, batch) -> (state, metrics), jit over `mesh`, state donated."""
+
+    def step(state, ref_params, batch):
+        loss, aux, grads = accumulated_grads(graphdef, obj, state["params"], ref_params, batch, units)
+        return _apply(state, grads, loss, aux, tx, schedule)
+
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return jax.jit(
+        step,
+        in_shardings=(state_shardings, ref_shardings, None),
+        out_shardings=(state_shardings, replicated),
+        donate_argnums=(0,),
+    )
+
+
+def make_pmap_step(graphdef, obj: Objective, tx, schedule, axis_name: str = "data"):
+    """step(state, ref_params, batch) -> (state, metrics) under pmap; all replicated, batch per device."""
+
+    def step(state, ref_params, batch):
+        loss, aux, grads = accumulated_grads(graphdef, obj, state["params"], ref_params, batch, units=1)
+        grads = jax.lax.pmean(grads, axis_name)
+        loss, aux = jax.lax.pmean((loss, aux), axis_name)
+        return _apply(state, grads, loss, aux, tx, schedule)
+
+    return jax.pmap(step, axis_name=axis_name, donate_argnums=(0,))
+
+
+def to_pmap_batch(batch, n_devices: int):
+    """(accum, n_devices * b, ...) host arrays -> (n_devices, accum, b, ...)."""
+
+    def split(x):
+        accum, n = x.shape[:2]
+        return x.reshape(accum, n_devices, n // n_devices, *x.shape[2:]).swapaxes(0, 1)
+
+    return jax.tree.map(split, batch)
+

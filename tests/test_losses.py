@@ -1,0 +1,145 @@
+"""Losses and gradients against open-unlearning's formulas in PyTorch, on the same HF model and batch."""
+
+import copy
+
+import jax
+import numpy as np
+import pytest
+import torch
+from hf_models import load_hf, make_hf_model, tiny_config
+from ou_reference import batch_nll, hf_loss, kl_retain, npo_loss, simnpo_loss
+
+from convert import load_hf_params
+from convert.mapping import get_path, param_specs
+from npo_jax.data.batches import pad_examples
+from npo_jax.data.tokenize import IGNORE, Example
+from npo_jax.losses import Objective
+from npo_jax.model import abstract_model, split_params
+from npo_jax.train_step import accumulated_grads
+
+RTOL, ATOL = 1e-4, 1e-6
+
+
+def _examples(seed, n, vocab=256):
+    rng = np.random.RandomState(seed)
+    out = []
+    for _ in range(n):
+        prompt, answer = rng.randint(3, 9), rng.randint(2, 8)
+        ids = rng.randint(4, vocab, prompt + answer).astype(np.int32)
+        labels = ids.copy()
+        labels[:prompt] = IGNORE
+        out.append(Example(ids, labels))
+    return out
+
+
+def _torch(batch):
+    return {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("losses")
+    folder = make_hf_model(root / "m", tiny_config(tie=False, kv_heads=2, std=0.1))
+    ref_folder = make_hf_model(root / "ref", tiny_config(tie=False, kv_heads=2, std=0.1), seed=1)
+    return folder, ref_folder
+
+
+def _ours(folder, ref_folder, obj, batch_np, ref_logp=None):
+    cfg, params = load_hf_params(folder)
+    _, ref_params = load_hf_params(ref_folder)
+    graphdef, _ = split_params(abstract_model(cfg))
+    micro = {k: v for k, v in batch_np.items()}
+    if ref_logp is not None:
+        micro["forget_ref_logp"] = ref_logp
+    stacked = jax.tree.map(lambda x: np.asarray(x)[None], micro)  # one micro-batch
+    loss, aux, grads = accumulated_grads(graphdef, obj, params, ref_params if obj.needs_live_reference else None,
+                                         stacked, units=1)
+    return cfg, float(loss), {k: float(v) for k, v in aux.items()}, grads
+
+
+def _compare_grads(cfg, grads, hf):
+    named = dict(hf.named_parameters())
+    for spec in param_specs(cfg):
+        ours = np.asarray(get_path(grads, spec.path))
+        for i, name in enumerate(spec.hf_names(cfg.num_hidden_layers)):
+            g = ours[i] if spec.stacked else ours
+            ref = named[name].grad.numpy()
+            np.testing.assert_allclose(spec.to_hf(g), ref, rtol=RTOL, atol=ATOL * np.abs(ref).max() + 1e-9,
+                                       err_msg=name)
+
+
+@pytest.mark.parametrize("method,retain_loss,reference", [
+    ("NPO", "NLL", "cached"), ("NPO", "NLL", "live"), ("NPO", "KL", "cached"),
+    ("SimNPO", "NLL", "cached"), ("GradDiff", "NLL", "cached"), ("GradAscent", "NLL", "cached"),
+])
+def test_loss_and_grads_match_open_unlearning(models, method, retain_loss, reference):
+    folder, ref_folder = models
+    forget = pad_examples(_examples(0, 4), 16, pad_id=0)
+    retain = pad_examples(_examples(1, 4), 16, pad_id=0)
+    beta = 4.5 if method == "SimNPO" else 0.1
+    obj = Objective(method=method, beta=beta, alpha=2.0, gamma=0.7 if method != "NPO" else 1.0, delta=0.3,
+                    retain_loss=retain_loss, reference=reference)
+
+    hf, ref = load_hf(folder), load_hf(ref_folder)
+    tf, tr = _torch(forget), _torch(retain)
+    with torch.no_grad():
+        ref_nll = batch_nll(ref, tf)
+    if method == "NPO":
+        forget_loss = npo_loss(hf, ref_nll, tf, beta)
+    elif method == "SimNPO":
+        forget_loss = simnpo_loss(hf, tf, beta, obj.delta)
+    else:
+        forget_loss = -hf_loss(hf, tf)
+    total = obj.gamma * forget_loss
+    retain_loss_t = None
+    if method != "GradAscent":
+        retain_loss_t = hf_loss(hf, tr) if retain_loss == "NLL" else kl_retain(hf, ref, tr)
+        total = total + obj.alpha * retain_loss_t
+    total.backward()
+
+    batch = {"forget": forget, "retain": retain}
+    cfg, loss, aux, grads = _ours(folder, ref_folder, obj, batch, ref_logp=-ref_nll.numpy())
+    np.testing.assert_allclose(loss, total.item(), rtol=RTOL)
+    np.testing.assert_allclose(aux["forget_loss"], forget_loss.item(), rtol=RTOL)
+    if retain_loss_t is not None:
+        np.testing.assert_allclose(aux["retain_loss"], retain_loss_t.item(), rtol=RTOL)
+    _compare_grads(cfg, grads, hf)
+
+
+def test_cached_reference_equals_live(models):
+    folder, ref_folder = models
+    batch = {"forget": pad_examples(_examples(2, 4), 16, pad_id=0),
+             "retain": pad_examples(_examples(3, 4), 16, pad_id=0)}
+    ref = load_hf(ref_folder)
+    with torch.no_grad():
+        ref_logp = -batch_nll(ref, _torch(batch["forget"])).numpy()
+    _, live, _, g_live = _ours(folder, ref_folder, Objective("NPO", reference="live"), batch)
+    _, cached, _, g_cached = _ours(folder, ref_folder, Objective("NPO", reference="cached"), batch, ref_logp)
+    np.testing.assert_allclose(cached, live, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(b).max()),
+                 g_cached, g_live)
+
+
+def test_units_average_like_hf_accumulation(models):
+    """Two units of 2 = mean of the two micro-batch losses HF would accumulate (token means per unit)."""
+    folder, ref_folder = models
+    forget = pad_examples(_examples(4, 4), 16, pad_id=0)
+    hf = load_hf(folder)
+    halves = [{k: v[i:i + 2] for k, v in forget.items()} for i in (0, 2)]
+    expected = np.mean([-hf_loss(hf, _torch(h)).item() for h in halves])
+    cfg, params = load_hf_params(folder)
+    graphdef, _ = split_params(abstract_model(cfg))
+    stacked = jax.tree.map(lambda x: np.asarray(x)[None], {"forget": forget})
+    loss, _, _ = accumulated_grads(graphdef, Objective("GradAscent"), params, None, stacked, units=2)
+    np.testing.assert_allclose(float(loss), expected, rtol=RTOL)
+    # and the same split as two accumulation steps of one unit each
+    two_steps = jax.tree.map(lambda x: np.asarray(x).reshape(2, 2, *x.shape[1:]), {"forget": forget})
+    loss2, _, _ = accumulated_grads(graphdef, Objective("GradAscent"), params, None, two_steps, units=1)
+    np.testing.assert_allclose(float(loss2), expected, rtol=RTOL)
+
+
+def test_tiny_ref_model_is_really_different(models):
+    folder, ref_folder = models
+    a, b = load_hf(folder), load_hf(ref_folder)
+    assert not torch.equal(a.model.embed_tokens.weight, b.model.embed_tokens.weight)
+    assert copy.deepcopy(a) is not a
