@@ -43,15 +43,35 @@ def parse_mesh(text: str):
         raise NpoJaxError(f"--mesh {text}: {e}") from None
 
 
+def _train_parsers(sub) -> None:
+    for name, what in (("unlearn", "unlearn a model on TOFU (NPO, SimNPO, GradDiff, GradAscent)"),
+                       ("finetune", "fine-tune (SFT) a model on a TOFU split")):
+        p = sub.add_parser(name, help=what)
+        p.add_argument("config", help="YAML run config (see configs/)")
+        p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-5 output_dir=runs/x")
+        p.add_argument("--resume", action="store_true", help="continue the run in output_dir")
+        p.add_argument("--overwrite", action="store_true", help="replace an existing output_dir")
+        p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="npo-jax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _convert_parser(sub)
+    _train_parsers(sub)
     return parser
 
 
 def _run(args) -> None:
-    if args.command == "convert":
+    if args.command in ("unlearn", "finetune"):
+        from npo_jax.run_config import load_run_config
+        from npo_jax.train import Trainer
+
+        cfg = load_run_config(args.config, args.overrides)
+        trainer = Trainer(cfg, args.command, resume=args.resume, overwrite=args.overwrite, max_steps=args.max_steps)
+        info = trainer.train()
+        print(f"done: {info['steps']} steps in {cfg.output_dir}")
+    elif args.command == "convert":
         from convert import hf_to_orbax, orbax_to_hf
 
         if args.direction == "hf-to-orbax":

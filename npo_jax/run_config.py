@@ -34,6 +34,7 @@ class DataConfig:
     tfds_dir: str | None = None  # where TFDS prepares array_record files; default under the run folder
     forget_split: str = "forget10"
     retain_split: str = "retain90"
+    finetune_split: str = "full"  # what `npo-jax finetune` trains on
     max_length: int = 512
     length_buckets: list[int] = field(default_factory=lambda: [128, 256, 512])
     system_prompt: str = "You are a helpful assistant."

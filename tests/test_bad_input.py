@@ -172,7 +172,7 @@ def test_output_exists_unless_overwrite(hf_dir, tmp_path, capsys):
 
 def test_bad_mesh(hf_dir, tmp_path, capsys):
     argv = ["convert", "hf-to-orbax", str(hf_dir), str(tmp_path / "out"), "--mesh"]
-    _assert_fails(capsys, [*argv, "fsdp=3"], "needs 3 devices, have 8")
+    _assert_fails(capsys, [*argv, "fsdp=16"], "needs 16 devices, have 8")
     _assert_fails(capsys, [*argv, "model=8"], "--mesh: cannot read 'model=8'")
 
 

@@ -1,0 +1,59 @@
+"""Our optax optimizer against torch.optim.AdamW with HF's linear warmup/decay schedule."""
+
+import jax
+import numpy as np
+import torch
+from transformers import get_linear_schedule_with_warmup
+
+from npo_jax.optim import decay_mask, make_optimizer, warmup_steps
+
+
+def test_warmup_steps_as_open_unlearning():
+    assert warmup_steps(1.0, 400, 32) == 12  # forget10
+    assert warmup_steps(1.0, 4000, 32) == 125  # full fine-tune
+    assert warmup_steps(0.5, 40, 32) == 0
+
+
+def test_adamw_steps_match_torch_with_hf_schedule():
+    rng = np.random.RandomState(0)
+    params = {
+        "layers": {"mlp": {"up_proj": {"kernel": rng.randn(2, 6, 5).astype(np.float32)}},
+                   "input_layernorm": {"scale": 1 + 0.1 * rng.randn(2, 6).astype(np.float32)},
+                   "self_attn": {"q_proj": {"bias": rng.randn(2, 5).astype(np.float32)}}},
+        "embed_tokens": {"embedding": rng.randn(10, 6).astype(np.float32)},
+    }
+    assert decay_mask(params)["layers"]["input_layernorm"]["scale"] is False
+    lr, wd, warmup, total = 2e-3, 0.01, 2, 6
+    grads_seq = [jax.tree.map(lambda p, s=s: (3.0 if s % 2 else 0.05) * rng.randn(*p.shape).astype(np.float32),
+                              params) for s in range(4)]  # odd steps: norm > 1, so clipping acts
+
+    tx, schedule = make_optimizer(params, lr=lr, total_steps=total, warmup=warmup, weight_decay=wd, max_grad_norm=1.0)
+    state = tx.init(params)
+    ours = params
+    for g in grads_seq:
+        updates, state = tx.update(g, state, ours)
+        ours = jax.tree.map(lambda p, u: p + u, ours, updates)
+
+    leaves, treedef = jax.tree.flatten(params)
+    mask = jax.tree.leaves(decay_mask(params))
+    tparams = [torch.nn.Parameter(torch.tensor(x)) for x in leaves]
+    groups = [{"params": [p for p, m in zip(tparams, mask, strict=False) if m], "weight_decay": wd},
+              {"params": [p for p, m in zip(tparams, mask, strict=False) if not m], "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8)
+    sched = get_linear_schedule_with_warmup(opt, warmup, total)
+    lrs = []
+    for g in grads_seq:
+        for p, gl in zip(tparams, jax.tree.leaves(g), strict=False):
+            p.grad = torch.tensor(gl)
+        torch.nn.utils.clip_grad_norm_(tparams, 1.0)
+        lrs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+
+    np.testing.assert_allclose([float(schedule(k)) for k in range(4)], lrs, rtol=1e-6)
+    assert lrs[0] == 0.0 and lrs[2] == lr  # HF: the first warmup update uses lr 0
+    for ours_leaf, p in zip(jax.tree.leaves(ours), tparams, strict=False):
+        np.testing.assert_allclose(np.asarray(ours_leaf), p.detach().numpy(), atol=1e-5, rtol=0)
+    # and the updates were not trivially zero
+    assert max(np.abs(np.asarray(a) - b).max() for a, b in zip(jax.tree.leaves(ours), leaves, strict=False)) > 1e-3
