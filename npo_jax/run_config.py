@@ -31,7 +31,7 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     dir: str | None = None  # local TOFU folder (NAME.json / NAME.jsonl); None: download locuslab/TOFU
-    tfds_dir: str | None = None  # where TFDS prepares array_record files; default under the run folder
+    tfds_dir: str | None = None  # where TFDS prepares array_record files; default: cache_dir/tfds
     forget_split: str = "forget10"
     retain_split: str = "retain90"
     finetune_split: str = "full"  # what `npo-jax finetune` trains on
@@ -88,6 +88,7 @@ class CheckpointConfig:
 class RunConfig:
     output_dir: str = MISSING
     seed: int = 0
+    cache_dir: str | None = None  # prepared data and reference log-probs; default ~/.cache/npo_jax
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     method: MethodConfig = field(default_factory=MethodConfig)

@@ -81,14 +81,17 @@ class Layout:
         return cls(p.strategy, n, units, o.effective_batch // per_step, mesh)
 
 
-def _prepare_output(out: Path, resume: bool, overwrite: bool) -> None:
-    if out.exists() and any(out.iterdir()):
-        if overwrite:
-            shutil.rmtree(out)
-        elif not resume:
-            raise NpoJaxError(f"{out}: output folder exists (pass --resume to continue it or --overwrite)")
-    elif resume:
+def _check_output(out: Path, resume: bool, overwrite: bool) -> None:
+    exists = out.exists() and any(out.iterdir())
+    if exists and not (resume or overwrite):
+        raise NpoJaxError(f"{out}: output folder exists (pass --resume to continue it or --overwrite)")
+    if resume and not exists:
         raise NpoJaxError(f"{out}: nothing to resume")
+
+
+def _prepare_output(out: Path, overwrite: bool) -> None:
+    if overwrite and out.exists():
+        shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
 
 
@@ -103,8 +106,8 @@ class Trainer:
         distributed.maybe_initialize()
         self.cfg, self.mode, self.progress = cfg, mode, progress
         self.out = Path(cfg.output_dir)
-        if distributed.is_primary():
-            _prepare_output(self.out, resume, overwrite)
+        self.cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else Path.home() / ".cache" / "npo_jax"
+        _check_output(self.out, resume, overwrite)
         self.obj = Objective("finetune") if mode == "finetune" else Objective(
             cfg.method.name, cfg.method.beta, cfg.method.alpha, cfg.method.gamma, cfg.method.delta,
             cfg.method.retain_loss, cfg.method.reference)
@@ -120,6 +123,8 @@ class Trainer:
             self.params_template, lr=cfg.optim.lr, total_steps=self.plan.total_steps, warmup=warm,
             weight_decay=cfg.optim.weight_decay, max_grad_norm=cfg.optim.max_grad_norm,
             b1=cfg.optim.b1, b2=cfg.optim.b2, eps=cfg.optim.eps)
+        if distributed.is_primary():  # all input checked: only now is the output folder touched
+            _prepare_output(self.out, overwrite and not resume)
         cached = self.obj.method == "NPO" and self.obj.reference == "cached"
         self.ref_logp = self._reference_logprobs() if cached else None
         self._build_state()
@@ -136,7 +141,7 @@ class Trainer:
         tok_dir = cfg.model.tokenizer or cfg.model.path
         self.tokenizer = load_tokenizer(tok_dir)
         fmt = ChatFormat(cfg.data.system_prompt, cfg.data.date_string)
-        tfds_dir = cfg.data.tfds_dir or (Path.home() / ".cache" / "npo_jax" / "tfds")
+        tfds_dir = cfg.data.tfds_dir or (self.cache_dir / "tfds")
         first = cfg.data.finetune_split if self.mode == "finetune" else cfg.data.forget_split
         self.forget, n_trunc = _tokenize_split(self.tokenizer, load_split(first, cfg.data.dir, tfds_dir), fmt,
                                                cfg.data.max_length)
@@ -175,8 +180,7 @@ class Trainer:
                                      buckets=cfg.data.length_buckets, pad_id=self.pad_id, eot_id=self.eot_id,
                                      eot_mask_quirk=cfg.data.eot_mask_quirk)
 
-        values, hit = cached_reference_logprobs(Path.home() / ".cache" / "npo_jax" / "reference_logprobs", key,
-                                                compute)
+        values, hit = cached_reference_logprobs(self.cache_dir / "reference_logprobs", key, compute)
         if distributed.is_primary():
             np.save(self.out / "reference_logprobs.npy", values)
         self.reference_cache_hit = hit
