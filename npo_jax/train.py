@@ -272,6 +272,9 @@ class Trainer:
         metrics_file = open(self.out / "metrics.jsonl", "a") if primary else None
         bar = tqdm(total=self.total_steps, initial=self.start_step, desc=self.mode, unit="step",
                    disable=not (self.progress and primary))
+        for split, n in self.truncated.items():
+            if n and primary:
+                tqdm.write(f"{split}: {n} examples longer than data.max_length={cfg.data.max_length} were truncated")
         last = {}
         last_saved = self.start_step if self.start_step else None
         try:

@@ -46,7 +46,7 @@ def accumulated_grads(graphdef, obj: Objective, params, ref_params, batch, units
 def _apply(state, grads, loss, aux, tx, schedule):
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    metrics = {"loss": loss, **aux, "grad_norm": optax.global_norm(grads), "lr": schedule(state["step"])}
+    metrics = {"loss": loss, **aux, "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"])}
     return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
 
 

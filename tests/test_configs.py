@@ -1,0 +1,28 @@
+"""Every shipped config loads against the schema; the seed run's recipe is what it says."""
+
+from pathlib import Path
+
+import pytest
+
+from npo_jax.run_config import load_run_config
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_load(path):
+    cfg = load_run_config(path)
+    assert cfg.optim.effective_batch == 32
+
+
+def test_seed_run_recipe():
+    cfg = load_run_config(Path(__file__).resolve().parents[1] / "configs/unlearn/tofu_llama3.2_3b_npo.yaml")
+    assert (cfg.method.name, cfg.method.alpha, cfg.method.beta, cfg.method.gamma) == ("NPO", 2.0, 0.1, 1.0)
+    assert (cfg.optim.lr, cfg.optim.epochs, cfg.optim.warmup_epochs, cfg.optim.weight_decay) == (2e-5, 5, 1.0, 0.01)
+    assert (cfg.data.forget_split, cfg.data.retain_split) == ("forget10", "retain90")
+
+
+def test_overrides_apply():
+    path = Path(__file__).resolve().parents[1] / "configs/unlearn/tofu_llama3.2_3b_npo.yaml"
+    cfg = load_run_config(path, ["optim.lr=1e-5", "parallel.strategy=pmap"])
+    assert cfg.optim.lr == 1e-5 and cfg.parallel.strategy == "pmap"
