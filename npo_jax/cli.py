@@ -54,16 +54,40 @@ def _train_parsers(sub) -> None:
         p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
 
 
+def _eval_parser(sub) -> None:
+    p = sub.add_parser("eval", help="TOFU evaluation (open-unlearning's metrics and log layout)")
+    p.add_argument("model", nargs="?", help="HF model folder or Orbax checkpoint (omit with --from-log)")
+    p.add_argument("--from-log", default=None, help="re-score an existing TOFU_EVAL.json without a model")
+    p.add_argument("--retain-logs", default=None, help="retain model's TOFU_EVAL.json (for forget_quality)")
+    p.add_argument("--base-logs", default=None, help="starting model's TOFU_EVAL.json (plotted beside)")
+    p.add_argument("--forget-split", default="forget10")
+    p.add_argument("--holdout-split", default=None, help="e.g. holdout10, for mia_min_k and privleak")
+    p.add_argument("--data-dir", default=None, help="local TOFU folder (default: download locuslab/TOFU)")
+    p.add_argument("--tfds-dir", default=None)
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model folder)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--compute-dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--eot-mask-quirk", action="store_true", help="open-unlearning's mask of every <|eot_id|>")
+    p.add_argument("--limit", type=int, default=None, help="only the first N items of each split")
+    p.add_argument("--out", required=True, help="output folder for TOFU_EVAL.json, TOFU_SUMMARY.json, report")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="npo-jax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _convert_parser(sub)
     _train_parsers(sub)
+    _eval_parser(sub)
     return parser
 
 
 def _run(args) -> None:
-    if args.command in ("unlearn", "finetune"):
+    if args.command == "eval":
+        from npo_jax.eval.cli import run_eval
+
+        run_eval(args)
+    elif args.command in ("unlearn", "finetune"):
         from npo_jax.run_config import load_run_config
         from npo_jax.train import Trainer
 

@@ -59,3 +59,19 @@ def sequence_logprob(logits_fn, hidden, labels, chunk: int = 128):
     """Summed log-prob of each sequence's labelled tokens, and their count: (batch,), (batch,)."""
     logp, mask = token_logprobs(logits_fn, hidden, labels, chunk)
     return logp.sum(-1), mask.sum(-1)
+
+
+def token_logprobs_and_argmax(logits_fn, hidden, labels, chunk: int = 128):
+    """(log p(label), argmax prediction, mask) at shifted positions, each (batch, T-1)."""
+    h, target = hidden[:, :-1], labels[:, 1:]
+    mask = target != IGNORE
+    safe = jnp.where(mask, target, 0)
+
+    def chunk_fn(h_c, y_c):
+        logits = logits_fn(h_c)
+        label_logit = jnp.take_along_axis(logits, y_c[..., None], axis=-1)[..., 0]
+        return jnp.stack([label_logit - jax.nn.logsumexp(logits, axis=-1),
+                          jnp.argmax(logits, axis=-1).astype(jnp.float32)], axis=-1)
+
+    out = _chunked(chunk_fn, (h, safe), min(chunk, h.shape[1]))
+    return jnp.where(mask, out[..., 0], 0.0), out[..., 1].astype(jnp.int32), mask

@@ -52,3 +52,37 @@ def make_tiny_model_with_tokenizer(root: Path, data: Path, *, layers=2, hidden=6
     for f in tok_dir.iterdir():
         (model_dir / f.name).write_bytes(f.read_bytes())
     return model_dir
+
+
+def _wrong_answers(answer: str, i: int, n: int) -> list[str]:
+    """The same answer with its fact (city or genre) swapped for n other ones."""
+    for options in (CITIES, GENRES):
+        for word in options:
+            if word in answer:
+                others = [o for o in options if o != word]
+                return [answer.replace(word, others[(i + j) % len(others)]) for j in range(n)]
+    raise ValueError(f"no fact to perturb in {answer!r}")
+
+
+def perturbed_rows(rows: list[dict], n_wrong: int, paraphrase: bool = True) -> list[dict]:
+    """TOFU's perturbed layout: a paraphrased answer/question and wrong answers of the same template."""
+    out = []
+    for i, r in enumerate(rows):
+        row = {"question": r["question"], "answer": r["answer"]}
+        if paraphrase:
+            row["paraphrased_answer"] = "In short, " + r["answer"][0].lower() + r["answer"][1:]
+        row["perturbed_answer"] = _wrong_answers(r["answer"], i, n_wrong)
+        if paraphrase:
+            row["paraphrased_question"] = "Tell me: " + r["question"]
+        out.append(row)
+    return out
+
+
+def add_eval_splits(data: Path, n_forget_authors: int = 8, n_retain_authors: int = 16) -> Path:
+    """forget10_perturbed, retain_perturbed, real_authors_/world_facts_perturbed and holdout10."""
+    write_split(data, "forget10_perturbed", perturbed_rows(qa_rows(0, n_forget_authors), 5))
+    write_split(data, "retain_perturbed", perturbed_rows(qa_rows(n_forget_authors, 4), 5))
+    write_split(data, "real_authors_perturbed", perturbed_rows(qa_rows(100, 3), 3, paraphrase=False))
+    write_split(data, "world_facts_perturbed", perturbed_rows(qa_rows(200, 3), 3, paraphrase=False))
+    write_split(data, "holdout10", qa_rows(300, 4))
+    return data

@@ -1,0 +1,64 @@
+"""`npo-jax eval`: evaluate a model, or re-score an existing log, and write the report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from npo_jax.errors import NpoJaxError
+from npo_jax.eval.aggregate import aggregate, per_item_values, read_log, summary
+from npo_jax.eval.report import format_table, plot_truth_ratios
+from npo_jax.eval.suite import write_outputs
+
+
+def load_scorer(model_path, tokenizer_path=None, *, compute_dtype="float32", batch_size=16, max_new_tokens=200,
+                eot_mask_quirk=False):
+    import jax.numpy as jnp
+
+    from npo_jax.data.tokenize import load_tokenizer
+    from npo_jax.eval.scoring import Scorer
+    from npo_jax.model import abstract_model, split_params
+    from npo_jax.model_io import load_model
+
+    model_path = Path(model_path)
+    if not (model_path / "config.json").is_file():
+        raise NpoJaxError(f"{model_path}: no config.json (expected an HF model folder or an npo-jax checkpoint)")
+    tokenizer = load_tokenizer(tokenizer_path or model_path)
+    loaded = load_model(model_path)
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[compute_dtype]
+    graphdef, _ = split_params(abstract_model(loaded.config, compute_dtype=dtype))
+    params = {k: v for k, v in loaded.params.items()}
+    return Scorer(graphdef, params, tokenizer, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                  eot_mask_quirk=eot_mask_quirk)
+
+
+def run_eval(args) -> dict:
+    retain_log = read_log(args.retain_logs, "retain log") if args.retain_logs else None
+    base_log = read_log(args.base_logs, "base log") if args.base_logs else None
+    if args.from_log:
+        log = read_log(args.from_log, "evaluation log")
+        per_item = per_item_values(log)
+        if not per_item:
+            raise NpoJaxError(f"{args.from_log}: no per-item values (value_by_index) to re-score")
+        eval_log = aggregate(per_item, retain_log)
+    else:
+        if not args.model:
+            raise NpoJaxError("eval: give a MODEL folder or --from-log")
+        from npo_jax.eval.suite import Suite
+
+        scorer = load_scorer(args.model, args.tokenizer, compute_dtype=args.compute_dtype,
+                             batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                             eot_mask_quirk=args.eot_mask_quirk)
+        suite = Suite(scorer, data_dir=args.data_dir, tfds_dir=args.tfds_dir, forget_split=args.forget_split,
+                      holdout_split=args.holdout_split, limit=args.limit)
+        eval_log = suite.run(retain_log)
+    logs = {"model": eval_log, "retain": retain_log, "base": base_log}
+    write_outputs(args.out, eval_log, extra_files={
+        "truth_ratios.png": lambda p: plot_truth_ratios(p, logs)})
+    summaries = {"model": summary(eval_log)}
+    if base_log:
+        summaries["base"] = summary(base_log)
+    if retain_log:
+        summaries["retain"] = summary(retain_log)
+    print(format_table(summaries))
+    print(f"wrote {Path(args.out) / 'TOFU_EVAL.json'}")
+    return eval_log

@@ -1,0 +1,110 @@
+"""Scoring many (question, answer) pairs with the model: teacher-forced log-probs and greedy answers.
+
+`score_answers` returns, per pair, the mean token NLL over the answer's labelled tokens (the
+closing eos included, as open-unlearning's `evaluate_probability`), and the per-token log-probs
+and greedy predictions of the answer tokens without the eos (what `tokenwise_logprobs` and
+the extraction-strength / exact-memorization metrics use). Batches are right padded to a
+length bucket and jit-compiled once per bucket, and log-probs are computed in position chunks.
+`generate_answers` produces greedy answers with the KV cache (left padded prompts).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import jax
+import numpy as np
+
+from npo_jax.data.batches import bucket_length, pad_examples
+from npo_jax.data.tokenize import ChatFormat, encode_prompt, encode_qa
+from npo_jax.generate import generate
+from npo_jax.logprobs import token_logprobs_and_argmax
+from npo_jax.losses import train_hidden
+from npo_jax.model import merge_params
+
+
+@dataclass
+class Scored:
+    avg_loss: float  # mean NLL over labelled tokens (answer + eos)
+    token_logprobs: np.ndarray  # answer tokens without the final eos
+    preds: np.ndarray  # greedy predictions for those tokens
+    labels: np.ndarray
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _score_batch(graphdef, params, batch):
+    model = merge_params(graphdef, params)
+    hidden = train_hidden(model, batch["input_ids"], batch["attention_mask"])
+    return token_logprobs_and_argmax(model.logits, hidden, batch["labels"])
+
+
+@dataclass
+class Scorer:
+    graphdef: object
+    params: object
+    tokenizer: object
+    fmt: ChatFormat = ChatFormat()
+    buckets: tuple = (128, 256, 512)
+    batch_size: int = 16
+    eot_mask_quirk: bool = False
+    max_new_tokens: int = 200
+
+    @property
+    def pad_id(self) -> int:
+        t = self.tokenizer
+        return t.pad_token_id if t.pad_token_id is not None else t.eos_token_id
+
+    def score_answers(self, pairs: list[tuple[str, str]], progress=None) -> list[Scored]:
+        examples = [encode_qa(self.tokenizer, q, a, self.fmt, self.buckets[-1]) for q, a in pairs]
+        out: list[Scored | None] = [None] * len(examples)
+        order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start:start + self.batch_size]
+            chunk = [examples[i] for i in idx]
+            length = bucket_length(max(len(e.input_ids) for e in chunk), list(self.buckets))
+            chunk += [chunk[-1]] * (self.batch_size - len(chunk))  # one shape per bucket
+            batch = pad_examples(chunk, length, self.pad_id, self.tokenizer.eos_token_id, self.eot_mask_quirk)
+            logp, preds, mask = jax.device_get(_score_batch(self.graphdef, self.params, batch))
+            for row, i in enumerate(idx):
+                m = mask[row]
+                positions = np.flatnonzero(m)
+                targets = batch["labels"][row, 1:][positions]
+                answer = positions[:-1]  # drop the closing eos, as tokenwise_logprobs does
+                out[i] = Scored(float(-logp[row][m].sum() / max(m.sum(), 1)), logp[row][answer], preds[row][answer],
+                                targets[:-1])
+            if progress is not None:
+                progress.update(len(idx))
+        return out
+
+    def generate_answers(self, questions: list[str], progress=None) -> list[str]:
+        """Greedy answers decoded with special tokens skipped, cut at eos, stripped."""
+        return [self.tokenizer.decode(t, skip_special_tokens=True).strip()
+                for t in self.generate_tokens(questions, progress)]
+
+    def generate_tokens(self, questions: list[str], progress=None) -> list[np.ndarray]:
+        prompts = [encode_prompt(self.tokenizer, q, self.fmt) for q in questions]
+        eos = self.tokenizer.eos_token_id
+        cfg = merge_params(self.graphdef, self.params).config
+        eos_ids = tuple(sorted({eos, *cfg.eos_token_ids}))
+        answers: list[np.ndarray | None] = [None] * len(prompts)
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start:start + self.batch_size]
+            chunk = [prompts[i] for i in idx]
+            chunk += [chunk[-1]] * (self.batch_size - len(chunk))
+            width = bucket_length(max(len(p) for p in chunk), list(self.buckets))
+            ids = np.full((len(chunk), width), self.pad_id, np.int32)
+            mask = np.zeros_like(ids)
+            for row, p in enumerate(chunk):
+                ids[row, width - len(p):] = p
+                mask[row, width - len(p):] = 1
+            if self.eot_mask_quirk:  # open-unlearning's collator: mask = ids != pad (= eos)
+                mask = (ids != eos).astype(np.int32)
+            gen = generate(self.graphdef, self.params, ids, mask, max_new_tokens=self.max_new_tokens,
+                           eos_ids=eos_ids, pad_id=self.pad_id)
+            for row, i in enumerate(idx):
+                answers[i] = gen.tokens[row, : gen.lengths[row]]
+            if progress is not None:
+                progress.update(len(idx))
+        return answers

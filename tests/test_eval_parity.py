@@ -1,0 +1,150 @@
+"""The JAX evaluator against transformers on the exported HF model, the eval CLI, and bad input."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from tofu_fixture import add_eval_splits, make_mini_tofu, make_tiny_model_with_tokenizer, write_split
+
+from npo_jax.cli import main
+from npo_jax.data.tofu import load_split
+from npo_jax.eval import metrics as m
+from npo_jax.eval.cli import load_scorer
+from npo_jax.eval.hf_reference import hf_generate, hf_score
+from npo_jax.run_config import load_run_config
+from npo_jax.train import Trainer
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny model fine-tuned for a few steps on the mini TOFU (so answers are not uniform), exported."""
+    root = tmp_path_factory.mktemp("evalparity")
+    data = add_eval_splits(make_mini_tofu(root))
+    model = make_tiny_model_with_tokenizer(root, data)
+    cfg = load_run_config(None, [
+        f"model.path={model}", f"data.dir={data}", f"cache_dir={root}/cache", f"output_dir={root}/ft",
+        "data.max_length=128", "data.length_buckets=[128]", "optim.effective_batch=8", "optim.per_device_batch=8",
+        "optim.epochs=6", "optim.lr=3e-3", "optim.warmup_epochs=0", "parallel.data=1",
+        "checkpoint.export_dtype=float32"])
+    Trainer(cfg, "finetune", progress=False).train()
+    return root, data, root / "ft" / "hf"
+
+
+def test_per_item_values_match_transformers(trained):
+    root, data, hf_dir = trained
+    scorer = load_scorer(hf_dir, batch_size=8, max_new_tokens=24)
+    hf = transformers.LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    tok = scorer.tokenizer
+    rows = list(load_split("forget10_perturbed", data, root / "tfds"))[:8]
+
+    pairs = [(r["question"], r["answer"]) for r in rows]
+    ours = scorer.score_answers(pairs)
+    ours_para = scorer.score_answers([(r["question"], r["paraphrased_answer"]) for r in rows])
+    ours_pert = scorer.score_answers([(r["question"], p) for r in rows for p in r["perturbed_answer"]])
+    probs = []
+    for i, r in enumerate(rows):
+        ref = hf_score(hf, tok, r["question"], r["answer"])
+        np.testing.assert_allclose(ours[i].avg_loss, ref["avg_loss"], rtol=1e-4)
+        np.testing.assert_allclose(ours[i].token_logprobs, ref["token_logprobs"], rtol=1e-4, atol=1e-5)
+        np.testing.assert_array_equal(ours[i].preds, ref["preds"])
+        np.testing.assert_array_equal(ours[i].labels, ref["labels"])
+        assert m.extraction_strength(ours[i].preds, ours[i].labels) == m.extraction_strength(ref["preds"],
+                                                                                              ref["labels"])
+        para = hf_score(hf, tok, r["question"], r["paraphrased_answer"])["avg_loss"]
+        pert = [hf_score(hf, tok, r["question"], p)["avg_loss"] for p in r["perturbed_answer"]]
+        tr_ref = np.exp(-np.mean(pert)) / (np.exp(-para) + 1e-10)
+        tr_ours = np.exp(-np.mean([s.avg_loss for s in ours_pert[5 * i:5 * i + 5]])) / (
+            np.exp(-ours_para[i].avg_loss) + 1e-10)
+        np.testing.assert_allclose(tr_ours, tr_ref, rtol=1e-4)
+        probs.append(np.exp(-ref["avg_loss"]))
+    assert np.ptp(probs) > 0.01 and max(probs) > 0.05  # the fine-tuned model is not uniform
+
+    eos = sorted({tok.eos_token_id, *scorer_config_eos(scorer)})
+    ours_gen = scorer.generate_tokens([r["question"] for r in rows])
+    for r, g in zip(rows, ours_gen, strict=True):
+        ref = hf_generate(hf, tok, r["question"], max_new_tokens=24, eos_ids=eos)
+        np.testing.assert_array_equal(g, ref)
+    assert any(len(g) > 3 for g in ours_gen)
+
+
+def scorer_config_eos(scorer):
+    from npo_jax.model import merge_params
+
+    return merge_params(scorer.graphdef, scorer.params).config.eos_token_ids
+
+
+def test_eval_cli_writes_open_unlearning_layout(trained, tmp_path, capsys):
+    root, data, hf_dir = trained
+    common = ["--data-dir", str(data), "--tfds-dir", str(root / "tfds"), "--max-new-tokens", "16",
+              "--batch-size", "8", "--holdout-split", "holdout10"]
+    assert main(["eval", str(hf_dir), "--out", str(tmp_path / "retain_eval"), *common]) == 0
+    retain_log = tmp_path / "retain_eval" / "TOFU_EVAL.json"
+    assert main(["eval", str(hf_dir), "--out", str(tmp_path / "eval"), "--retain-logs", str(retain_log),
+                 *common]) == 0
+    out = capsys.readouterr().out
+    assert "forget_quality" in out and "model_utility" in out
+    log = json.loads((tmp_path / "eval" / "TOFU_EVAL.json").read_text())
+    summary = json.loads((tmp_path / "eval" / "TOFU_SUMMARY.json").read_text())
+    for key in ("forget_Q_A_Prob", "forget_Q_A_PARA_Prob", "forget_Q_A_PERT_Prob", "forget_truth_ratio",
+                "forget_Q_A_ROUGE", "retain_Q_A_Prob", "retain_Truth_Ratio", "ra_Q_A_Prob_normalised",
+                "wf_Truth_Ratio", "extraction_strength", "exact_memorization", "mia_min_k", "privleak"):
+        assert key in log and key in summary, key
+    assert len(log["forget_Q_A_Prob"]["value_by_index"]) == 16
+    assert set(log["forget_Q_A_ROUGE"]["value_by_index"]["0"]) >= {"rougeL_recall", "generation", "ground_truth"}
+    assert summary["forget_quality"] == pytest.approx(1.0)  # same model as its own retain reference
+    nine = [summary[k] for k in m.UTILITY_KEYS]
+    expected = 0.0 if min(nine) == 0 else len(nine) / sum(1 / v for v in nine)
+    assert summary["model_utility"] == pytest.approx(expected, rel=1e-9, abs=1e-12)
+    assert (tmp_path / "eval" / "truth_ratios.png").is_file()
+    # no retain log: forget_quality is reported missing, never a number
+    missing = json.loads((tmp_path / "retain_eval" / "TOFU_SUMMARY.json").read_text())
+    assert missing["forget_quality"] is None
+    # re-scoring our own log reproduces it
+    assert main(["eval", "--from-log", str(tmp_path / "eval" / "TOFU_EVAL.json"), "--retain-logs", str(retain_log),
+                 "--out", str(tmp_path / "rescored")]) == 0
+    rescored = json.loads((tmp_path / "rescored" / "TOFU_SUMMARY.json").read_text())
+    for key, value in summary.items():
+        assert rescored[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+
+
+def _fails(capsys, argv, fragment, out):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert fragment in err, err
+    assert not out.exists()
+
+
+def test_eval_bad_input(trained, tmp_path, capsys):
+    root, data, hf_dir = trained
+    out = tmp_path / "out"
+    no_tok = tmp_path / "no_tok"
+    no_tok.mkdir()
+    for f in hf_dir.iterdir():
+        if not f.name.startswith(("tokenizer", "chat_template", "special_tokens")):
+            (no_tok / f.name).write_bytes(f.read_bytes())
+    _fails(capsys, ["eval", str(no_tok), "--data-dir", str(data), "--out", str(out)], "cannot load a tokenizer", out)
+    _fails(capsys, ["eval", str(tmp_path), "--out", str(out)], "no config.json", out)
+
+    bad = tmp_path / "bad"
+    for f in data.iterdir():
+        (bad / f.name).parent.mkdir(exist_ok=True)
+        (bad / f.name).write_bytes(f.read_bytes())
+    rows = [json.loads(x) for x in (data / "forget10_perturbed.jsonl").read_text().splitlines()]
+    for r in rows:
+        r.pop("paraphrased_answer")
+    write_split(bad, "forget10_perturbed", rows)
+    _fails(capsys, ["eval", str(hf_dir), "--data-dir", str(bad), "--tfds-dir", str(tmp_path / "t"), "--out",
+                    str(out)], "has no field 'paraphrased_answer'", out)
+
+    ref = tmp_path / "retain.json"
+    ref.write_text(json.dumps({"model_utility": {"agg_value": 0.5}}))
+    log = tmp_path / "log.json"
+    log.write_text(json.dumps({"forget_Q_A_PARA_Prob": {"value_by_index": {"0": {"prob": 0.5, "avg_loss": 0.7}}},
+                               "forget_Q_A_PERT_Prob": {"value_by_index": {"0": {"prob": [0.1], "avg_loss": [2.3]}}}}))
+    _fails(capsys, ["eval", "--from-log", str(log), "--retain-logs", str(ref), "--out", str(out)],
+           "no 'forget_truth_ratio'", out)
+    ref.write_text("{not json")
+    _fails(capsys, ["eval", "--from-log", str(log), "--retain-logs", str(ref), "--out", str(out)],
+           "not valid JSON", out)
