@@ -23,18 +23,51 @@ def _ids(tokenizer, chat, date_string, generation_prompt):
     return list(out["input_ids"] if hasattr(out, "keys") else out)
 
 
+def _encode(tokenizer, question, answer, system_prompt, date_string):
+    chat_ids = _ids(tokenizer, _chat(question, answer, system_prompt), date_string, False)
+    prompt_ids = _ids(tokenizer, _chat(question, answer, system_prompt, False), date_string, True)
+    if chat_ids[-1] != tokenizer.eos_token_id:
+        chat_ids.append(tokenizer.eos_token_id)
+    return chat_ids, [-100] * len(prompt_ids) + chat_ids[len(prompt_ids):]
+
+
+def hf_score_batch(model, tokenizer, pairs, *, batch_size=16, system_prompt="You are a helpful assistant.",
+                   date_string="10 Apr 2025") -> list[dict]:
+    """hf_score for many pairs, right-padded batches as open-unlearning's collator makes them."""
+    import torch
+
+    encoded = [_encode(tokenizer, q, a, system_prompt, date_string) for q, a in pairs]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    out = []
+    for start in range(0, len(encoded), batch_size):
+        chunk = encoded[start:start + batch_size]
+        width = max(len(ids) for ids, _ in chunk)
+        ids = torch.full((len(chunk), width), pad)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, (x, _) in enumerate(chunk):
+            ids[row, :len(x)] = torch.tensor(x)
+            mask[row, :len(x)] = 1
+        with torch.no_grad():
+            logits = model(ids, attention_mask=mask).logits.float()
+        out += [_item(logits[row, :len(x)], labels) for row, (x, labels) in enumerate(chunk)]
+    return out
+
+
 def hf_score(model, tokenizer, question, answer, *, system_prompt="You are a helpful assistant.",
              date_string="10 Apr 2025"):
     """avg_loss over labelled tokens, and (token log-probs, argmax preds, labels) without the eos."""
     import torch
 
-    chat_ids = _ids(tokenizer, _chat(question, answer, system_prompt), date_string, False)
-    prompt_ids = _ids(tokenizer, _chat(question, answer, system_prompt, False), date_string, True)
-    if chat_ids[-1] != tokenizer.eos_token_id:
-        chat_ids.append(tokenizer.eos_token_id)
-    labels = [-100] * len(prompt_ids) + chat_ids[len(prompt_ids):]
+    chat_ids, labels = _encode(tokenizer, question, answer, system_prompt, date_string)
     with torch.no_grad():
         logits = model(torch.tensor([chat_ids])).logits[0].float()
+    return _item(logits, labels)
+
+
+def _item(logits, labels) -> dict:
+    """evaluate_probability + tokenwise_logprobs for one sequence's logits (length, vocab)."""
+    import torch
+
     log_probs = torch.log_softmax(logits, dim=-1)
     labels_t = torch.tensor(labels)
     shifted = labels_t[1:]
@@ -61,6 +94,61 @@ def hf_generate(model, tokenizer, question, *, max_new_tokens=200, eos_ids=None,
         out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
                              do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eos_ids,
                              pad_token_id=eos_ids[0])
-    new = out[0, len(prompt):].numpy()
+    return _cut(out[0, len(prompt):].numpy(), eos_ids)
+
+
+def _cut(new: np.ndarray, eos_ids) -> np.ndarray:
     stop = np.flatnonzero(np.isin(new, eos_ids))
     return new[: stop[0] + 1] if len(stop) else new
+
+
+def hf_generate_batch(model, tokenizer, questions, *, batch_size=16, max_new_tokens=200, eos_ids=None,
+                      system_prompt="You are a helpful assistant.", date_string="10 Apr 2025") -> list[np.ndarray]:
+    """hf_generate for many questions, left-padded batches as open-unlearning generates."""
+    import torch
+
+    eos_ids = list(eos_ids or [tokenizer.eos_token_id])
+    prompts = [_ids(tokenizer, _chat(q, None, system_prompt, False), date_string, True) for q in questions]
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        width = max(map(len, chunk))
+        ids = torch.full((len(chunk), width), eos_ids[0])
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, p in enumerate(chunk):
+            ids[row, width - len(p):] = torch.tensor(p)
+            mask[row, width - len(p):] = 1
+        with torch.no_grad():
+            gen = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
+                                 eos_token_id=eos_ids, pad_token_id=eos_ids[0])
+        out += [_cut(gen[row, width:].numpy(), eos_ids) for row in range(len(chunk))]
+    return out
+
+
+class TorchScorer:
+    """The transformers counterpart of `npo_jax.eval.scoring.Scorer` (same methods), so the TOFU
+    suite can run on either for the parity tool and benchmark."""
+
+    def __init__(self, model, tokenizer, *, batch_size=16, max_new_tokens=200, eos_ids=None):
+        self.model, self.tokenizer = model, tokenizer
+        self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
+        self.eos_ids = sorted(set(eos_ids or []) | {tokenizer.eos_token_id})
+
+    def score_answers(self, pairs, progress=None):
+        from npo_jax.eval.scoring import Scored
+
+        items = hf_score_batch(self.model, self.tokenizer, pairs, batch_size=self.batch_size)
+        if progress is not None:
+            progress.update(len(pairs))
+        return [Scored(d["avg_loss"], d["token_logprobs"], d["preds"], d["labels"]) for d in items]
+
+    def generate_tokens(self, questions, progress=None):
+        out = hf_generate_batch(self.model, self.tokenizer, questions, batch_size=self.batch_size,
+                                max_new_tokens=self.max_new_tokens, eos_ids=self.eos_ids)
+        if progress is not None:
+            progress.update(len(questions))
+        return out
+
+    def generate_answers(self, questions, progress=None):
+        return [self.tokenizer.decode(t, skip_special_tokens=True).strip()
+                for t in self.generate_tokens(questions, progress)]
