@@ -58,6 +58,8 @@ def _eval_parser(sub) -> None:
     p = sub.add_parser("eval", help="TOFU evaluation (open-unlearning's metrics and log layout)")
     p.add_argument("model", nargs="?", help="HF model folder or Orbax checkpoint (omit with --from-log)")
     p.add_argument("--from-log", default=None, help="re-score an existing TOFU_EVAL.json without a model")
+    p.add_argument("--run", default=None, help="a training run folder: its final checkpoint, data settings and "
+                                               "tokenizer (output default: RUN/eval)")
     p.add_argument("--retain-logs", default=None, help="retain model's TOFU_EVAL.json (for forget_quality)")
     p.add_argument("--base-logs", default=None, help="starting model's TOFU_EVAL.json (plotted beside)")
     p.add_argument("--forget-split", default="forget10")
@@ -70,7 +72,7 @@ def _eval_parser(sub) -> None:
     p.add_argument("--compute-dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--eot-mask-quirk", action="store_true", help="open-unlearning's mask of every <|eot_id|>")
     p.add_argument("--limit", type=int, default=None, help="only the first N items of each split")
-    p.add_argument("--out", required=True, help="output folder for TOFU_EVAL.json, TOFU_SUMMARY.json, report")
+    p.add_argument("--out", default=None, help="output folder for TOFU_EVAL.json, TOFU_SUMMARY.json, report")
 
 
 def build_parser() -> argparse.ArgumentParser:

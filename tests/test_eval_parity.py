@@ -109,6 +109,24 @@ def test_eval_cli_writes_open_unlearning_layout(trained, tmp_path, capsys):
         assert rescored[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
 
 
+def test_eval_from_a_training_run_folder(trained, capsys):
+    root, data, hf_dir = trained
+    assert main(["eval", "--run", str(root / "ft"), "--limit", "4", "--max-new-tokens", "8"]) == 0
+    log = json.loads((root / "ft" / "eval" / "TOFU_EVAL.json").read_text())
+    assert len(log["forget_Q_A_Prob"]["value_by_index"]) == 4
+
+
+def test_rouge_items_use_recall_of_the_ground_truth():
+    from npo_jax.eval.suite import _rouge_items
+
+    rows = [{"question": "q", "answer": "Author0 was born in Lima."}]
+    items = _rouge_items(rows, ["Author0 was born somewhere."])
+    # longest common subsequence "author0 was born" = 3 of the reference's 5 tokens
+    assert items["0"]["rougeL_recall"] == pytest.approx(3 / 5)
+    assert items["0"]["rouge1_recall"] == pytest.approx(3 / 5)
+    assert items["0"]["rougeL_f1"] == pytest.approx(2 * (3 / 5) * (3 / 4) / (3 / 5 + 3 / 4))
+
+
 def _fails(capsys, argv, fragment, out):
     assert main(argv) == 2
     err = capsys.readouterr().err

@@ -31,7 +31,26 @@ def load_scorer(model_path, tokenizer_path=None, *, compute_dtype="float32", bat
                   eot_mask_quirk=eot_mask_quirk)
 
 
+def apply_run_folder(args) -> None:
+    """Fill MODEL, data and output settings from a training run's folder and resolved config."""
+    from npo_jax.run_config import load_run_config
+
+    run = Path(args.run)
+    cfg = load_run_config(run / "config.yaml")
+    args.model = args.model or str(run / "checkpoints")
+    args.data_dir = args.data_dir or cfg.data.dir
+    cache = Path(cfg.cache_dir) if cfg.cache_dir else Path.home() / ".cache" / "npo_jax"
+    args.tfds_dir = args.tfds_dir or cfg.data.tfds_dir or str(cache / "tfds")
+    args.forget_split = cfg.data.forget_split if args.forget_split == "forget10" else args.forget_split
+    args.eot_mask_quirk = args.eot_mask_quirk or cfg.data.eot_mask_quirk
+    args.out = args.out or str(run / "eval")
+
+
 def run_eval(args) -> dict:
+    if getattr(args, "run", None):
+        apply_run_folder(args)
+    if not args.out:
+        raise NpoJaxError("eval: --out is required (or --run)")
     retain_log = read_log(args.retain_logs, "retain log") if args.retain_logs else None
     base_log = read_log(args.base_logs, "base log") if args.base_logs else None
     if args.from_log:

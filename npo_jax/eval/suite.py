@@ -34,7 +34,7 @@ def _multi_prob_items(scored_lists) -> dict:
             for i, group in enumerate(scored_lists)}
 
 
-def _rouge_items(scorer: Scorer, rows, answers) -> dict:
+def _rouge_items(rows, answers) -> dict:
     from rouge_score import rouge_scorer
 
     rouge = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
@@ -98,7 +98,7 @@ class Suite:
                 para = self._score(f"{prefix} PARA", [(r["question"], r["paraphrased_answer"]) for r in rows])
                 out[f"{prefix}_Q_A_PARA_Prob"] = _prob_items(para)
             out[f"{prefix}_Q_A_PERT_Prob"] = _multi_prob_items(self._perturbed(f"{prefix} PERT", rows))
-            out[f"{prefix}_Q_A_ROUGE"] = _rouge_items(self.scorer, rows, self._generate(f"{prefix} ROUGE", rows))
+            out[f"{prefix}_Q_A_ROUGE"] = _rouge_items(rows, self._generate(f"{prefix} ROUGE", rows))
             if prefix == "forget":
                 out["extraction_strength"] = {str(i): {"score": m.extraction_strength(s.preds, s.labels)}
                                               for i, s in enumerate(answers)}
