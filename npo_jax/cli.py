@@ -75,17 +75,31 @@ def _eval_parser(sub) -> None:
     p.add_argument("--out", default=None, help="output folder for TOFU_EVAL.json, TOFU_SUMMARY.json, report")
 
 
+def _demo_parser(sub) -> None:
+    p = sub.add_parser("demo", help="offline end-to-end TOFU unlearning demo on a CPU (a few minutes)")
+    p.add_argument("out", help="output folder (new)")
+    p.add_argument("--config", default="configs/demo.yaml", help="demo config (default: configs/demo.yaml)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. unlearn.lr=2e-3")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="npo-jax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _convert_parser(sub)
     _train_parsers(sub)
     _eval_parser(sub)
+    _demo_parser(sub)
     return parser
 
 
 def _run(args) -> None:
-    if args.command == "eval":
+    if args.command == "demo":
+        from npo_jax.demo import run_demo
+
+        result = run_demo(args.out, args.config, args.overrides)
+        if not all(result["checks"].values()):
+            raise NpoJaxError("demo: the unlearning checks above failed")
+    elif args.command == "eval":
         from npo_jax.eval.cli import run_eval
 
         run_eval(args)

@@ -1,0 +1,218 @@
+"""`npo-jax demo OUT`: the whole pipeline, offline, on a CPU, in a few minutes.
+
+Synthetic TOFU data and a demo tokenizer are generated; a tiny Llama (random init) is
+fine-tuned on `full` (the base model) and on `retain90` (the retain reference); the base is
+unlearned with NPO on forget10 / retain90 with the seed recipe (alpha 2, beta 0.1, 5 epochs; lr
+scaled to the tiny model); base, retain and unlearned models are evaluated with the TOFU suite;
+the unlearned model is exported to an HF folder and reloaded in transformers with a logits check.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from omegaconf import OmegaConf
+
+from npo_jax.errors import NpoJaxError
+
+
+@dataclass
+class DemoData:
+    n_authors: int = 100
+    seed: int = 0
+    vocab_size: int = 640
+
+
+@dataclass
+class DemoModel:
+    hidden_size: int = 128
+    intermediate_size: int = 352
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    seed: int = 0
+
+
+@dataclass
+class DemoStage:
+    lr: float = 3e-3
+    epochs: int = 20
+    warmup_epochs: float = 1.0
+    effective_batch: int = 32
+    per_device_batch: int = 32
+
+
+@dataclass
+class DemoConfig:
+    data: DemoData = field(default_factory=DemoData)
+    model: DemoModel = field(default_factory=DemoModel)
+    finetune: DemoStage = field(default_factory=DemoStage)
+    unlearn: DemoStage = field(default_factory=lambda: DemoStage(lr=1e-3, epochs=5, effective_batch=8,
+                                                                 per_device_batch=8))
+    alpha: float = 2.0
+    beta: float = 0.1
+    max_length: int = 80
+    length_buckets: list[int] = field(default_factory=lambda: [64, 80])
+    max_new_tokens: int = 48
+    eval_batch_size: int = 32
+
+
+def load_demo_config(path: str | Path | None, overrides=()) -> DemoConfig:
+    layers = [OmegaConf.structured(DemoConfig)]
+    if path is not None and Path(path).is_file():
+        layers.append(OmegaConf.load(path))
+    layers.append(OmegaConf.from_dotlist(list(overrides)))
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(*layers))
+    except Exception as e:  # omegaconf's key/type errors
+        raise NpoJaxError(f"demo config: {str(e).splitlines()[0]}") from None
+
+
+def _init_model(out: Path, cfg: DemoConfig, tokenizer_dir: Path, vocab: int, eos_id: int, bos_id: int) -> Path:
+    """A random tiny Llama saved as an Orbax params checkpoint with config and tokenizer."""
+    from flax import nnx
+
+    from convert.mapping import iter_paths
+    from npo_jax.checkpoint import save_params_checkpoint
+    from npo_jax.config import LlamaConfig
+    from npo_jax.model import LlamaForCausalLM, split_params
+
+    m = cfg.model
+    raw = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": vocab,
+           "hidden_size": m.hidden_size, "intermediate_size": m.intermediate_size,
+           "num_hidden_layers": m.num_hidden_layers, "num_attention_heads": m.num_attention_heads,
+           "num_key_value_heads": m.num_key_value_heads, "head_dim": m.hidden_size // m.num_attention_heads,
+           "hidden_act": "silu", "max_position_embeddings": 1024, "rms_norm_eps": 1e-5,
+           "rope_theta": 10000.0, "rope_scaling": None, "tie_word_embeddings": True, "attention_bias": False,
+           "mlp_bias": False, "bos_token_id": bos_id, "eos_token_id": eos_id, "torch_dtype": "float32"}
+    llama = LlamaForCausalLM(LlamaConfig.from_hf_dict(raw), rngs=nnx.Rngs(m.seed))
+    _, params = split_params(llama)
+    src = out / "init_src"
+    src.mkdir(parents=True, exist_ok=True)
+    (src / "config.json").write_text(json.dumps(raw, indent=2))
+    for f in tokenizer_dir.iterdir():
+        (src / f.name).write_bytes(f.read_bytes())
+    dst = out / "init"
+    dst.mkdir()
+    save_params_checkpoint(dst, ((p, np.asarray(a)) for p, a in iter_paths(params)), src, "float32")
+    return dst
+
+
+def _train(mode: str, model_path, out_dir, data_dir, cache, stage: DemoStage, cfg: DemoConfig, **extra):
+    from npo_jax.run_config import load_run_config
+    from npo_jax.train import Trainer
+
+    overrides = [f"model.path={model_path}", f"output_dir={out_dir}", f"data.dir={data_dir}", f"cache_dir={cache}",
+                 f"data.max_length={cfg.max_length}", f"data.length_buckets={list(cfg.length_buckets)}",
+                 f"optim.lr={stage.lr}", f"optim.epochs={stage.epochs}",
+                 f"optim.warmup_epochs={stage.warmup_epochs}", f"optim.effective_batch={stage.effective_batch}",
+                 f"optim.per_device_batch={stage.per_device_batch}", "parallel.data=1",
+                 *[f"{k}={v}" for k, v in extra.items()]]
+    trainer = Trainer(load_run_config(None, overrides), mode, overwrite=True)
+    trainer.train()
+    return Path(out_dir)
+
+
+def run_demo(out: str | Path, config: str | Path | None = None, overrides=()) -> dict:
+    from npo_jax.data.tokenize import load_tokenizer
+    from npo_jax.demo_tokenizer import build_demo_tokenizer
+    from npo_jax.eval.aggregate import summary
+    from npo_jax.eval.cli import load_scorer
+    from npo_jax.eval.report import format_table, plot_truth_ratios
+    from npo_jax.eval.suite import Suite, write_outputs
+    from npo_jax.synthetic import make_synthetic_tofu
+
+    cfg = load_demo_config(config, overrides)
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise NpoJaxError(f"{out}: output folder exists; choose a new one")
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    cache = out / "cache"
+
+    print("[1/6] synthetic TOFU data and demo tokenizer")
+    data = make_synthetic_tofu(out / "data", cfg.data.n_authors, cfg.data.seed)
+    texts = [r["question"] + " " + r["answer"] for r in map(json.loads, (data / "full.jsonl").read_text().splitlines())]
+    tok_dir = build_demo_tokenizer(texts, out / "tokenizer", cfg.data.vocab_size)
+    tok = load_tokenizer(tok_dir)
+    init = _init_model(out, cfg, tok_dir, len(tok), tok.eos_token_id, tok.bos_token_id)
+
+    print("[2/6] fine-tune on full -> base model")
+    base = _train("finetune", init, out / "base", data, cache, cfg.finetune, cfg, **{"data.finetune_split": "full",
+                                                                                    "checkpoint.export_hf": "false"})
+    print("[3/6] fine-tune on retain90 -> retain reference")
+    retain = _train("finetune", init, out / "retain", data, cache, cfg.finetune, cfg,
+                    **{"data.finetune_split": "retain90", "checkpoint.export_hf": "false"})
+    print("[4/6] unlearn the base model with NPO on forget10 / retain90")
+    unlearned = _train("unlearn", base / "checkpoints", out / "unlearned", data, cache, cfg.unlearn, cfg,
+                       **{"method.name": "NPO", "method.alpha": cfg.alpha, "method.beta": cfg.beta,
+                          "checkpoint.export_hf": "true", "checkpoint.export_dtype": "float32"})
+
+    print("[5/6] TOFU evaluation of base, retain and unlearned models")
+    logs = {}
+    for name, run in (("retain", retain), ("base", base), ("unlearned", unlearned)):
+        scorer = load_scorer(run / "checkpoints", tok_dir, batch_size=cfg.eval_batch_size,
+                             max_new_tokens=cfg.max_new_tokens)
+        suite = Suite(scorer, data_dir=data, tfds_dir=cache / "tfds", holdout_split="holdout10")
+        logs[name] = suite.run(logs.get("retain"))
+        write_outputs(out / "eval" / name, logs[name])
+    plot_truth_ratios(out / "truth_ratios.png", {"unlearned": logs["unlearned"], "retain": logs["retain"],
+                                                 "base": logs["base"]})
+
+    print("[6/6] export check: the HF folder in transformers vs our params")
+    max_rel = _export_check(unlearned)
+    summaries = {name: summary(log) for name, log in logs.items()}
+    elapsed = time.perf_counter() - start
+    result = {**{k: summaries[k] for k in ("base", "retain", "unlearned")}, "elapsed_s": elapsed,
+              "hf_export": str(unlearned / "hf"), "export_logits_max_rel_diff": max_rel,
+              "config": dataclasses.asdict(cfg)}
+    checks = _checks(summaries)
+    result["checks"] = checks
+    (out / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
+    keys = ("forget_quality", "model_utility", "forget_Q_A_Prob", "forget_Q_A_ROUGE", "retain_Q_A_Prob",
+            "retain_Q_A_ROUGE", "forget_truth_ratio", "privleak")
+    print()
+    print(format_table({k: summaries[k] for k in ("base", "retain", "unlearned")}, keys))
+    print()
+    for text, ok in checks.items():
+        print(f"  [{'ok' if ok else 'FAILED'}] {text}")
+    print(f"\nexported HF model: {unlearned / 'hf'} (transformers logits within {max_rel:.1e} of ours)")
+    print(f"demo finished in {elapsed:.0f} s; summary: {out / 'summary.json'}")
+    return result
+
+
+def _checks(s: dict) -> dict:
+    b, u = s["base"], s["unlearned"]
+    return {
+        f"forget_Q_A_Prob {u['forget_Q_A_Prob']:.4f} <= 1/5 of base {b['forget_Q_A_Prob']:.4f}":
+            u["forget_Q_A_Prob"] <= b["forget_Q_A_Prob"] / 5,
+        f"retain_Q_A_Prob {u['retain_Q_A_Prob']:.4f} >= 0.8 x base {b['retain_Q_A_Prob']:.4f}":
+            u["retain_Q_A_Prob"] >= 0.8 * b["retain_Q_A_Prob"],
+        f"forget_quality {u['forget_quality']:.3g} > base {b['forget_quality']:.3g}":
+            u["forget_quality"] > b["forget_quality"],
+    }
+
+
+def _export_check(run: Path) -> float:
+    import torch
+    import transformers
+
+    from npo_jax.checkpoint import ParamsReader
+    from npo_jax.model import abstract_model, merge_params, split_params
+
+    hf = transformers.LlamaForCausalLM.from_pretrained(run / "hf", dtype=torch.float32).eval()
+    reader = ParamsReader(run / "checkpoints")
+    graphdef, _ = split_params(abstract_model(reader.config))
+    ids = np.arange(1, 25)[None] % reader.config.vocab_size
+    ours = np.asarray(merge_params(graphdef, reader.read_all())(ids))
+    with torch.no_grad():
+        ref = hf(torch.tensor(ids)).logits.numpy()
+    rel = float(np.abs(ours - ref).max() / np.abs(ref).max())
+    if rel > 1e-4:
+        raise NpoJaxError(f"export check: transformers logits differ from ours by {rel:.2e} (relative)")
+    return rel
