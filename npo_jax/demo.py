@@ -23,7 +23,7 @@ from npo_jax.errors import NpoJaxError
 
 @dataclass
 class DemoData:
-    n_authors: int = 100
+    n_authors: int = 60
     seed: int = 0
     vocab_size: int = 640
 
@@ -31,8 +31,8 @@ class DemoData:
 @dataclass
 class DemoModel:
     hidden_size: int = 128
-    intermediate_size: int = 352
-    num_hidden_layers: int = 4
+    intermediate_size: int = 384
+    num_hidden_layers: int = 2
     num_attention_heads: int = 4
     num_key_value_heads: int = 2
     seed: int = 0
@@ -40,8 +40,8 @@ class DemoModel:
 
 @dataclass
 class DemoStage:
-    lr: float = 3e-3
-    epochs: int = 20
+    lr: float = 4e-3
+    epochs: int = 40
     warmup_epochs: float = 1.0
     effective_batch: int = 32
     per_device_batch: int = 32
@@ -52,8 +52,8 @@ class DemoConfig:
     data: DemoData = field(default_factory=DemoData)
     model: DemoModel = field(default_factory=DemoModel)
     finetune: DemoStage = field(default_factory=DemoStage)
-    unlearn: DemoStage = field(default_factory=lambda: DemoStage(lr=1e-3, epochs=5, effective_batch=8,
-                                                                 per_device_batch=8))
+    unlearn: DemoStage = field(default_factory=lambda: DemoStage(lr=1.5e-3, epochs=5, effective_batch=4,
+                                                                 per_device_batch=4))
     alpha: float = 2.0
     beta: float = 0.1
     max_length: int = 80

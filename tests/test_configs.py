@@ -6,7 +6,7 @@ import pytest
 
 from npo_jax.run_config import load_run_config
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
+CONFIGS = sorted(p for p in (Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml") if p.name != "demo.yaml")
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -26,3 +26,10 @@ def test_overrides_apply():
     path = Path(__file__).resolve().parents[1] / "configs/unlearn/tofu_llama3.2_3b_npo.yaml"
     cfg = load_run_config(path, ["optim.lr=1e-5", "parallel.strategy=pmap"])
     assert cfg.optim.lr == 1e-5 and cfg.parallel.strategy == "pmap"
+
+
+def test_demo_config_loads():
+    from npo_jax.demo import load_demo_config
+
+    cfg = load_demo_config(Path(__file__).resolve().parents[1] / "configs/demo.yaml")
+    assert (cfg.alpha, cfg.beta, cfg.unlearn.epochs) == (2.0, 0.1, 5)

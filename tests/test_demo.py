@@ -1,0 +1,23 @@
+"""The demo pipeline end to end at a small size: the direction of the unlearning effect."""
+
+import json
+
+from npo_jax.demo import run_demo
+
+
+def test_demo_pipeline_small(tmp_path):
+    out = tmp_path / "demo"
+    result = run_demo(out, None, [
+        "data.n_authors=20", "data.vocab_size=400", "model.hidden_size=96", "model.intermediate_size=256",
+        "model.num_hidden_layers=2", "finetune.epochs=40", "finetune.lr=5e-3", "unlearn.lr=1.5e-3",
+        "unlearn.effective_batch=4", "unlearn.per_device_batch=4", "max_new_tokens=24"])
+    base, unlearned = result["base"], result["unlearned"]
+    assert base["forget_Q_A_Prob"] > 0.3  # the base model learned the forget facts
+    assert unlearned["forget_Q_A_Prob"] < 0.5 * base["forget_Q_A_Prob"]
+    forget_drop = unlearned["forget_Q_A_Prob"] / base["forget_Q_A_Prob"]
+    retain_drop = unlearned["retain_Q_A_Prob"] / base["retain_Q_A_Prob"]
+    assert forget_drop < retain_drop  # the forget set lost more than the retain set
+    assert result["export_logits_max_rel_diff"] <= 1e-4
+    saved = json.loads((out / "summary.json").read_text())
+    assert set(saved) >= {"base", "retain", "unlearned", "elapsed_s", "hf_export"}
+    assert (out / "truth_ratios.png").is_file() and (out / "unlearned" / "hf" / "config.json").is_file()
