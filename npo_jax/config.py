@@ -9,7 +9,6 @@ dialect it read, changing only the dtype.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
@@ -140,16 +139,9 @@ def _read_rope(raw: dict[str, Any], fail) -> dict[str, Any]:
 
 
 def read_config_dict(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a JSON object")
-    return raw
+    from npo_jax.fs import read_json_object
+
+    return read_json_object(path, "config file", ConfigError)
 
 
 def with_dtype(raw: dict[str, Any], dtype: str) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import uuid
@@ -37,3 +38,17 @@ def atomic_output_dir(dst: str | Path, overwrite: bool = False):
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(tmp, dst)
+
+
+def read_json_object(path: str | Path, what: str = "file", error: type[NpoJaxError] = NpoJaxError) -> dict:
+    """A JSON file that must hold an object; a missing or malformed file is an `error` naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{path}: {what} not found")
+    try:
+        value = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise error(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise error(f"{path}: expected a JSON object")
+    return value

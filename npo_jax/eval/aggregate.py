@@ -10,11 +10,11 @@ our own scoring and to re-score an existing log, ours or open-unlearning's.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from npo_jax.errors import NpoJaxError
 from npo_jax.eval import metrics as m
+from npo_jax.fs import read_json_object
 
 PROB = "prob"
 SUMMARY_KEYS = ("forget_quality", "forget_Q_A_Prob", "forget_Q_A_ROUGE", "model_utility", "extraction_strength",
@@ -103,13 +103,4 @@ def summary(eval_log: dict) -> dict:
 
 
 def read_log(path: str | Path, what: str = "log") -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise NpoJaxError(f"{path}: {what} not found")
-    try:
-        log = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise NpoJaxError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(log, dict):
-        raise NpoJaxError(f"{path}: expected a JSON object of metrics")
-    return log
+    return read_json_object(path, what)
