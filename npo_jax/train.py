@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from convert.orbax_to_hf import orbax_to_hf
 from npo_jax import distributed
-from npo_jax.checkpoint import STATE_ITEM, copy_side_files
+from npo_jax.checkpoint import STATE_ITEM, TOKENIZER_FILES, copy_side_files
 from npo_jax.data.batches import StepPlan, retain_pairing, step_batch
 from npo_jax.data.tofu import load_split
 from npo_jax.data.tokenize import ChatFormat, encode_qa, load_tokenizer
@@ -163,10 +163,10 @@ class Trainer:
         if self.layout.strategy == "sharded":
             shardings_for = lambda c: param_shardings(c, self.layout.mesh)  # noqa: E731
         loaded = load_model(cfg.model.path, shardings_for)
-        self.loaded = loaded
-        self.model_cfg = loaded.config
+        self.side_files_dir = loaded.side_files_dir
         self.graphdef, _ = split_params(abstract_model(loaded.config, compute_dtype=dtype, remat=cfg.model.remat))
-        params = jax.tree.map(lambda x: x.astype(jnp.float32), loaded.params)
+        # float32 master params; no second copy when they already are (keeping `loaded` would hold one)
+        params = jax.tree.map(lambda x: x if x.dtype == jnp.float32 else x.astype(jnp.float32), loaded.params)
         self.params_template = params
         self.param_shardings = shardings_for(loaded.config) if shardings_for else None
 
@@ -259,11 +259,9 @@ class Trainer:
         primary = distributed.is_primary()
         if primary:
             (self.out / "config.yaml").write_text(to_yaml(cfg))
-            copy_side_files(self.loaded.side_files_dir, self.out / "checkpoints")
+            copy_side_files(self.side_files_dir, self.out / "checkpoints")
             if cfg.model.tokenizer:
-                copy_side_files(Path(cfg.model.tokenizer), self.out / "checkpoints",
-                                [f for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                                             "chat_template.jinja")])
+                copy_side_files(Path(cfg.model.tokenizer), self.out / "checkpoints", TOKENIZER_FILES)
         writer = None
         if primary:
             from tensorboardX import SummaryWriter

@@ -26,8 +26,7 @@ def load_scorer(model_path, tokenizer_path=None, *, compute_dtype="float32", bat
     loaded = load_model(model_path)
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[compute_dtype]
     graphdef, _ = split_params(abstract_model(loaded.config, compute_dtype=dtype))
-    params = {k: v for k, v in loaded.params.items()}
-    return Scorer(graphdef, params, tokenizer, batch_size=batch_size, max_new_tokens=max_new_tokens,
+    return Scorer(graphdef, loaded.params, tokenizer, batch_size=batch_size, max_new_tokens=max_new_tokens,
                   eot_mask_quirk=eot_mask_quirk)
 
 
