@@ -82,6 +82,14 @@ def _demo_parser(sub) -> None:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. unlearn.lr=2e-3")
 
 
+def _sweep_parser(sub) -> None:
+    p = sub.add_parser("sweep", help="a grid of unlearning runs, evaluated and ranked by forget_quality")
+    p.add_argument("config", help="sweep config (see configs/sweep/)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides of the sweep config, e.g. output_dir=runs/s "
+                                               "eval.retain_logs=path/TOFU_EVAL.json")
+    p.add_argument("--max-runs", type=int, default=None, help="stop after training this many runs")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="npo-jax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -89,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     _train_parsers(sub)
     _eval_parser(sub)
     _demo_parser(sub)
+    _sweep_parser(sub)
     return parser
 
 
@@ -99,6 +108,10 @@ def _run(args) -> None:
         result = run_demo(args.out, args.config, args.overrides)
         if not all(result["checks"].values()):
             raise NpoJaxError("demo: the unlearning checks above failed")
+    elif args.command == "sweep":
+        from npo_jax.sweep import run_sweep
+
+        run_sweep(args.config, args.overrides, max_runs=args.max_runs)
     elif args.command == "eval":
         from npo_jax.eval.cli import run_eval
 

@@ -52,3 +52,19 @@ def read_json_object(path: str | Path, what: str = "file", error: type[NpoJaxErr
     if not isinstance(value, dict):
         raise error(f"{path}: expected a JSON object")
     return value
+
+
+def atomic_write(path: str | Path, write) -> Path:
+    """Call `write(tmp_path)` on a temporary sibling of `path` (same suffix), then rename it into place."""
+    path = Path(path)
+    tmp = path.parent / f".{path.stem}.tmp-{uuid.uuid4().hex[:8]}{path.suffix}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    return atomic_write(path, lambda p: p.write_text(text))

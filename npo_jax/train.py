@@ -33,6 +33,7 @@ from npo_jax.data.batches import StepPlan, retain_pairing, step_batch
 from npo_jax.data.tofu import load_split
 from npo_jax.data.tokenize import ChatFormat, encode_qa, load_tokenizer
 from npo_jax.errors import NpoJaxError
+from npo_jax.fs import atomic_write_text
 from npo_jax.losses import Objective
 from npo_jax.model import abstract_model, split_params
 from npo_jax.model_io import load_model
@@ -93,6 +94,16 @@ def _prepare_output(out: Path, overwrite: bool) -> None:
     if overwrite and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
+
+
+def _drop_metrics_after(path: Path, step: int) -> None:
+    """On resume, forget the records of steps after the restored checkpoint: they are run again."""
+    if not path.is_file():
+        return
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [line for line in lines if json.loads(line)["step"] <= step]
+    if len(kept) < len(lines):
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
 def _tokenize_split(tokenizer, rows, fmt: ChatFormat, max_length: int):
@@ -267,6 +278,8 @@ class Trainer:
             from tensorboardX import SummaryWriter
 
             writer = SummaryWriter(str(self.out / "tb"))
+        if primary:
+            _drop_metrics_after(self.out / "metrics.jsonl", self.start_step)
         metrics_file = open(self.out / "metrics.jsonl", "a") if primary else None
         bar = tqdm(total=self.total_steps, initial=self.start_step, desc=self.mode, unit="step",
                    disable=not (self.progress and primary))
