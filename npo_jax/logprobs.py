@@ -1,8 +1,10 @@
 """Per-token log-probs (and KL to a reference) from hidden states, a chunk of positions at a time.
 
 Full float32 logits for a batch of 128k-vocab sequences would dominate memory (32 x 512 x 128256
-x 4 B = 8.4 GB); only each label's log-prob is needed. Positions are processed in chunks under
-`jax.checkpoint`, so the backward pass recomputes each chunk's logits instead of storing them.
+x 4 B = 8.4 GB); only each label's log-prob is needed. When a call's float32 logits would exceed
+`LOGITS_BUDGET_BYTES`, positions are processed in chunks under `jax.checkpoint`, so the backward
+pass recomputes each chunk's logits instead of storing them (one more LM-head matmul). Below
+the budget the logits are computed in one piece: the recomputation would cost time for no gain.
 All functions use HF's causal shift: hidden state t predicts token t + 1.
 """
 
@@ -12,11 +14,18 @@ import jax
 import jax.numpy as jnp
 
 IGNORE = -100
+LOGITS_BUDGET_BYTES = 256 << 20
+CHUNK_POSITIONS = 128
 
 
-def _chunked(fn, arrays, chunk: int):
-    """Apply fn to position chunks of (batch, positions, ...) arrays and concatenate along positions."""
+def _chunked(fn, arrays, chunk: int | None, logits_fn):
+    """Apply fn to position chunks of (batch, positions, ...) arrays and concatenate along positions;
+    in one piece when the whole call's float32 logits fit LOGITS_BUDGET_BYTES."""
     b, t = arrays[0].shape[:2]
+    vocab = jax.eval_shape(logits_fn, arrays[0][:, :1]).shape[-1]
+    if b * t * vocab * 4 <= LOGITS_BUDGET_BYTES:
+        return fn(*arrays)
+    chunk = min(chunk or CHUNK_POSITIONS, t)
     n = -(-t // chunk)
     pad = n * chunk - t
 
@@ -29,7 +38,7 @@ def _chunked(fn, arrays, chunk: int):
     return jnp.moveaxis(out, 0, 1).reshape(b, n * chunk, *out.shape[3:])[:, :t]
 
 
-def token_logprobs(logits_fn, hidden, labels, chunk: int = 128):
+def token_logprobs(logits_fn, hidden, labels, chunk: int | None = None):
     """(log p(label_{t+1} | ..t), mask) for t < T-1; both (batch, T-1); mask is labels != -100."""
     h, target = hidden[:, :-1], labels[:, 1:]
     mask = target != IGNORE
@@ -40,11 +49,11 @@ def token_logprobs(logits_fn, hidden, labels, chunk: int = 128):
         label_logit = jnp.take_along_axis(logits, y_c[..., None], axis=-1)[..., 0]
         return label_logit - jax.nn.logsumexp(logits, axis=-1)
 
-    logp = _chunked(chunk_logp, (h, safe), min(chunk, h.shape[1]))
+    logp = _chunked(chunk_logp, (h, safe), chunk, logits_fn)
     return jnp.where(mask, logp, 0.0), mask
 
 
-def kl_to_reference(logits_fn, hidden, ref_logits_fn, ref_hidden, chunk: int = 128):
+def kl_to_reference(logits_fn, hidden, ref_logits_fn, ref_hidden, chunk: int | None = None):
     """KL(p_ref || p_model) summed over the vocabulary at every position: (batch, T)."""
 
     def chunk_kl(h_c, r_c):
@@ -52,16 +61,16 @@ def kl_to_reference(logits_fn, hidden, ref_logits_fn, ref_hidden, chunk: int = 1
         ref_logp = jax.nn.log_softmax(ref_logits_fn(r_c), axis=-1)
         return jnp.sum(jnp.exp(ref_logp) * (ref_logp - logp), axis=-1)
 
-    return _chunked(chunk_kl, (hidden, ref_hidden), min(chunk, hidden.shape[1]))
+    return _chunked(chunk_kl, (hidden, ref_hidden), chunk, logits_fn)
 
 
-def sequence_logprob(logits_fn, hidden, labels, chunk: int = 128):
+def sequence_logprob(logits_fn, hidden, labels, chunk: int | None = None):
     """Summed log-prob of each sequence's labelled tokens, and their count: (batch,), (batch,)."""
     logp, mask = token_logprobs(logits_fn, hidden, labels, chunk)
     return logp.sum(-1), mask.sum(-1)
 
 
-def token_logprobs_and_argmax(logits_fn, hidden, labels, chunk: int = 128):
+def token_logprobs_and_argmax(logits_fn, hidden, labels, chunk: int | None = None):
     """(log p(label), argmax prediction, mask) at shifted positions, each (batch, T-1)."""
     h, target = hidden[:, :-1], labels[:, 1:]
     mask = target != IGNORE
@@ -73,5 +82,5 @@ def token_logprobs_and_argmax(logits_fn, hidden, labels, chunk: int = 128):
         return jnp.stack([label_logit - jax.nn.logsumexp(logits, axis=-1),
                           jnp.argmax(logits, axis=-1).astype(jnp.float32)], axis=-1)
 
-    out = _chunked(chunk_fn, (h, safe), min(chunk, h.shape[1]))
+    out = _chunked(chunk_fn, (h, safe), chunk, logits_fn)
     return jnp.where(mask, out[..., 0], 0.0), out[..., 1].astype(jnp.int32), mask

@@ -54,6 +54,19 @@ def init_state(params, tx) -> dict:
     return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
 
 
+def state_shardings(tx, params, p_shardings, mesh) -> dict:
+    """Optimizer moments sharded like their params, counters replicated.
+
+    Left to the compiler, `tx.init`'s zeros come out replicated: a whole AdamW state (2x the
+    float32 params) on every device, which alone would not fit a 3B model on a 16 GiB chip.
+    """
+    replicated = NamedSharding(mesh, PartitionSpec())
+    abstract = jax.eval_shape(lambda p: init_state(p, tx), params)
+    opt = optax.tree_utils.tree_map_params(tx, lambda _, s: s, abstract["opt_state"], p_shardings,
+                                           transform_non_params=lambda _: replicated)
+    return {"params": p_shardings, "opt_state": opt, "step": replicated}
+
+
 def batch_shardings(batch, mesh) -> dict:
     """Micro-batch rows split over the data and fsdp axes; the accumulation axis stays whole."""
     return jax.tree.map(lambda x: NamedSharding(mesh, PartitionSpec(None, BATCH_AXES)), batch)

@@ -1,20 +1,32 @@
-"""Benchmark our NPO train step: tokens/s, model GFLOP/s and peak resident memory.
+"""Benchmark our NPO train step against the PyTorch step an open-unlearning user runs.
 
-    python scripts/bench_step.py --preset small --batch 4 --seq 128
-    python scripts/bench_step.py --config path/to/config.json --dtype bfloat16 --reference live
+    python scripts/bench_step.py --preset small --vs-torch            # the table of issue 6
+    python scripts/bench_step.py --preset small --vs-torch --json     # + one JSON object, last line
+    python scripts/bench_step.py --preset small --reference live      # our step alone, in-process
 
 One optimizer step = forward + backward over `batch` forget and `batch` retain sequences of
-`seq` tokens (random ids, the first half of each sequence masked as the prompt), AdamW update.
-FLOPs count 6 N per trained token plus 2 N per reference-forward token (live reference), N =
-parameter count. Warm-up (compile) is excluded; the median of `--steps` steps is reported.
+`seq` tokens (random ids, the first half of each sequence masked as the prompt), gradient
+clipping and an AdamW update. Variants, each in its own fresh process (so peak resident memory
+is its own), alternated round by round:
+  ours_live    our jit step, NPO with a frozen reference copy (the same work as torch)
+  ours_cached  our jit step, NPO with cached reference log-probs (no reference forward)
+  torch        transformers.LlamaForCausalLM (sdpa attention), open-unlearning's formulas
+               (summed sequence NLL, -(2/beta) logsigmoid(...), alpha x retain NLL), a frozen
+               deepcopy as reference, torch.optim.AdamW, clip_grad_norm_ 1.0
+Model FLOPs: 6 N per trained token + 2 N per reference-forward token (N = parameter count).
+Each worker also times a large float32 matmul in its own framework: the machine's matmul peak
+as that framework sees it, measured in the same run. Warm-up (compile, first steps) excluded;
+per variant the median over rounds of each round's median step time.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -63,42 +75,167 @@ def random_batch(cfg: LlamaConfig, batch: int, seq: int, seed: int = 0) -> dict:
     return {"forget": group(), "retain": group(), "forget_ref_logp": rng.normal(-50, 5, batch).astype(np.float32)}
 
 
+def _timed(fn, steps: int, warmup: int = 1) -> tuple[float, list[float]]:
+    """(first call seconds, per-step seconds after `warmup` more calls)."""
+    t0 = time.perf_counter()
+    fn()
+    first = time.perf_counter() - t0
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return first, times
+
+
+def _figures(n_params: int, batch: int, seq: int, live: bool, first_s: float, times: list[float],
+             peak_gflops: float) -> dict:
+    trained = 2 * batch * seq
+    ref_tokens = batch * seq if live else 0
+    dt = statistics.median(times)
+    gflops = (6 * n_params * trained + 2 * n_params * ref_tokens) / dt / 1e9
+    return {"params": n_params, "tokens_per_step": trained, "step_s": dt, "step_times": times,
+            "compile_s": first_s, "tokens_per_s": trained / dt, "gflops": gflops,
+            "matmul_peak_gflops": peak_gflops, "fraction_of_peak": gflops / peak_gflops,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def matmul_peak_jax(n: int = 2048, reps: int = 10) -> float:
+    a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n), dtype=np.float32))
+    mm = jax.jit(lambda x, y: x @ y)
+    _, times = _timed(lambda: mm(a, a).block_until_ready(), reps)
+    return 2 * n**3 / statistics.median(times) / 1e9
+
+
+def matmul_peak_torch(n: int = 2048, reps: int = 10) -> float:
+    import torch
+
+    a = torch.from_numpy(np.random.default_rng(0).standard_normal((n, n), dtype=np.float32))
+    _, times = _timed(lambda: a @ a, reps)
+    return 2 * n**3 / statistics.median(times) / 1e9
+
+
 def bench_ours(cfg: LlamaConfig, *, batch: int, seq: int, dtype: str, reference: str, remat: str, steps: int) -> dict:
     compute = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
     graphdef, params = build(cfg, compute, remat)
     mesh = make_mesh(1, 1, 1)
     shardings = param_shardings(cfg, mesh)
     params = jax.device_put(params, shardings)
+    n_params = sum(x.size for x in jax.tree.leaves(params))
     obj = Objective("NPO", beta=0.1, alpha=2.0, reference=reference)
     tx, schedule = make_optimizer(params, lr=1e-5, total_steps=1000, warmup=0, weight_decay=0.01, max_grad_norm=1.0)
     state = jax.jit(lambda p: init_state(p, tx))(params)
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
     ref = jax.tree.map(jnp.copy, params) if obj.needs_live_reference else None
+    del params
     step = make_sharded_step(graphdef, obj, tx, schedule, mesh, state_shardings, units=1,
                              ref_shardings=shardings if ref is not None else None)
     host = jax.tree.map(lambda x: x[None], random_batch(cfg, batch, seq))
     if reference == "live":
         host.pop("forget_ref_logp")
     dev = jax.device_put(host, batch_shardings(host, mesh))
-    t0 = time.perf_counter()
-    state, metrics = step(state, ref, dev)
-    jax.block_until_ready(metrics)
-    compile_s = time.perf_counter() - t0
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        state, metrics = step(state, ref, dev)
+    box = {"state": state}
+
+    def one():
+        box["state"], metrics = step(box["state"], ref, dev)
         jax.block_until_ready(metrics)
-        times.append(time.perf_counter() - t0)
-    n_params = sum(x.size for x in jax.tree.leaves(params))
-    trained = 2 * batch * seq
-    ref_tokens = batch * seq if reference == "live" else 0
-    dt = statistics.median(times)
-    return {
-        "params": n_params, "tokens_per_step": trained, "step_s": dt, "compile_s": compile_s,
-        "tokens_per_s": trained / dt, "gflops": (6 * n_params * trained + 2 * n_params * ref_tokens) / dt / 1e9,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "loss": float(metrics["loss"]),
-    }
+
+    first, times = _timed(one, steps)
+    peak = matmul_peak_jax()
+    return _figures(n_params, batch, seq, reference == "live", first, times, peak)
+
+
+def bench_torch(raw: dict, *, batch: int, seq: int, dtype: str, steps: int) -> dict:
+    """The open-unlearning NPO step (NPO trainer + HF Trainer defaults) in PyTorch."""
+    import copy
+
+    import torch
+    import transformers
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from ou_reference import batch_nll, hf_loss, npo_loss
+
+    torch.manual_seed(0)
+    tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    config = transformers.LlamaConfig(**{k: v for k, v in raw.items() if k != "model_type"},
+                                      attn_implementation="sdpa")
+    model = transformers.LlamaForCausalLM(config).to(tdtype).train()
+    assert model.config._attn_implementation == "sdpa"
+    ref = copy.deepcopy(model).eval().requires_grad_(False)
+    n_params = sum(p.numel() for p in model.parameters())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.01)
+    host = random_batch(LlamaConfig.from_hf_dict(raw, "bench"), batch, seq)
+    forget = {k: torch.from_numpy(v).long() for k, v in host["forget"].items()}
+    retain = {k: torch.from_numpy(v).long() for k, v in host["retain"].items()}
+
+    def one():
+        with torch.no_grad():
+            ref_nll = batch_nll(ref, forget)
+        loss = 1.0 * npo_loss(model, ref_nll, forget, beta=0.1) + 2.0 * hf_loss(model, retain)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    first, times = _timed(one, steps)
+    peak = matmul_peak_torch()
+    return _figures(n_params, batch, seq, True, first, times, peak)
+
+
+VARIANTS = ("ours_live", "ours_cached", "torch")
+
+
+def run_worker(variant: str, args) -> dict:
+    raw = model_dict(args)
+    if variant == "torch":
+        return bench_torch(raw, batch=args.batch, seq=args.seq, dtype=args.dtype, steps=args.steps)
+    cfg = LlamaConfig.from_hf_dict(raw, str(args.config or args.preset))
+    return bench_ours(cfg, batch=args.batch, seq=args.seq, dtype=args.dtype, remat=args.remat, steps=args.steps,
+                      reference="live" if variant == "ours_live" else "cached")
+
+
+def model_dict(args) -> dict:
+    return read_config_dict(args.config) if args.config else {"model_type": "llama", **PRESETS[args.preset]}
+
+
+def vs_torch(args) -> dict:
+    """Each variant in a fresh subprocess, the order rotated every round; medians over rounds."""
+    runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
+    argv = [sys.executable, __file__, "--batch", str(args.batch), "--seq", str(args.seq), "--dtype", args.dtype,
+            "--remat", args.remat, "--steps", str(args.steps)]
+    argv += ["--config", str(args.config)] if args.config else ["--preset", args.preset]
+    for r in range(args.rounds):
+        for variant in VARIANTS[r % 3:] + VARIANTS[:r % 3]:
+            out = subprocess.run([*argv, "--worker", variant], capture_output=True, text=True, env=os.environ.copy())
+            if out.returncode != 0:
+                sys.exit(f"{variant} worker failed:\n{out.stderr[-3000:]}")
+            runs[variant].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print(f"  round {r + 1}/{args.rounds} {variant}: {runs[variant][-1]['tokens_per_s']:.0f} tokens/s",
+                  file=sys.stderr)
+    med = {}
+    for v, rs in runs.items():
+        m = {k: statistics.median(r[k] for r in rs) for k in ("step_s", "tokens_per_s", "gflops", "peak_rss_mb",
+                                                            "matmul_peak_gflops", "fraction_of_peak", "compile_s")}
+        med[v] = {**m, "params": rs[0]["params"], "rounds": [r["tokens_per_s"] for r in rs]}
+    return {**med, "ratio_live": med["ours_live"]["tokens_per_s"] / med["torch"]["tokens_per_s"],
+            "ratio_cached": med["ours_cached"]["tokens_per_s"] / med["torch"]["tokens_per_s"],
+            "fraction_of_peak": med["ours_live"]["fraction_of_peak"],
+            "rss_ratio_live": med["ours_live"]["peak_rss_mb"] / med["torch"]["peak_rss_mb"]}
+
+
+def print_table(res: dict, args) -> None:
+    name = args.config or args.preset
+    print(f"{name}: {res['torch']['params'] / 1e6:.1f}M params, {args.dtype}, batch {args.batch}+{args.batch} x "
+          f"{args.seq}, {args.rounds} rounds x {args.steps} steps, {os.cpu_count()} CPUs")
+    print(f"{'variant':<12} {'tokens/s':>9} {'vs torch':>9} {'GFLOP/s':>8} {'matmul peak':>12} {'of peak':>8} "
+          f"{'peak RSS MB':>12} {'compile s':>10}")
+    for v in VARIANTS:
+        r = res[v]
+        print(f"{v:<12} {r['tokens_per_s']:9.1f} {r['tokens_per_s'] / res['torch']['tokens_per_s']:8.2f}x "
+              f"{r['gflops']:8.1f} {r['matmul_peak_gflops']:12.1f} {r['fraction_of_peak']:8.1%} "
+              f"{r['peak_rss_mb']:12.0f} {r['compile_s']:10.1f}")
 
 
 def main() -> None:
@@ -111,18 +248,28 @@ def main() -> None:
     ap.add_argument("--reference", choices=["cached", "live"], default="cached")
     ap.add_argument("--remat", choices=["none", "full", "dots"], default="none")
     ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--json", action="store_true", help="also print the figures as one JSON line")
+    ap.add_argument("--vs-torch", action="store_true", help="ours (live, cached) and the PyTorch step, side by side")
+    ap.add_argument("--rounds", type=int, default=3, help="with --vs-torch: alternating rounds")
+    ap.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
+    ap.add_argument("--json", action="store_true", help="also print the figures as one JSON object (last line)")
     args = ap.parse_args()
-    raw = read_config_dict(args.config) if args.config else {"model_type": "llama", **PRESETS[args.preset]}
-    cfg = LlamaConfig.from_hf_dict(raw, str(args.config or args.preset))
-    r = bench_ours(cfg, batch=args.batch, seq=args.seq, dtype=args.dtype, reference=args.reference,
-                   remat=args.remat, steps=args.steps)
+    if args.worker:
+        print(json.dumps(run_worker(args.worker, args)))
+        return
+    if args.vs_torch:
+        res = vs_torch(args)
+        print_table(res, args)
+        if args.json:
+            print(json.dumps(res))
+        return
+    variant = "ours_live" if args.reference == "live" else "ours_cached"
+    r = run_worker(variant, args)
     name = args.config or args.preset
     print(f"{name}: {r['params'] / 1e6:.1f}M params, {args.dtype}, batch {args.batch}+{args.batch} x {args.seq}, "
           f"reference {args.reference}, remat {args.remat}, {jax.devices()[0].platform}")
-    print(f"{'step s':>8} {'tokens/s':>10} {'GFLOP/s':>9} {'peak RSS MB':>12} {'compile s':>10}")
-    print(f"{r['step_s']:8.3f} {r['tokens_per_s']:10.1f} {r['gflops']:9.1f} {r['peak_rss_mb']:12.0f} "
-          f"{r['compile_s']:10.1f}")
+    print(f"{'step s':>8} {'tokens/s':>10} {'GFLOP/s':>9} {'of peak':>8} {'peak RSS MB':>12} {'compile s':>10}")
+    print(f"{r['step_s']:8.3f} {r['tokens_per_s']:10.1f} {r['gflops']:9.1f} {r['fraction_of_peak']:8.1%} "
+          f"{r['peak_rss_mb']:12.0f} {r['compile_s']:10.1f}")
     if args.json:
         print(json.dumps(r))
 

@@ -9,7 +9,9 @@ open-unlearning's per-item logs (`value_by_index`) assume.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 from pathlib import Path
 
@@ -119,6 +121,17 @@ def _prepared_dir(base: Path, local: Path | None) -> Path:
     return base / f"local-{key}"
 
 
+@contextlib.contextmanager
+def _quiet_tfds():
+    """Preparing a local folder takes a moment: no download banner or progress bars for it."""
+    tfds.display_progress_bar(False)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        tfds.display_progress_bar(True)
+
+
 def load_split(name: str, data_dir: str | Path | None = None, tfds_dir: str | Path | None = None):
     """A TOFU split as a random-access sequence of dicts (str fields, `index` int).
 
@@ -133,7 +146,8 @@ def load_split(name: str, data_dir: str | Path | None = None, tfds_dir: str | Pa
     base = Path(tfds_dir) if tfds_dir else Path.home() / ".cache" / "npo_jax" / "tfds"
     builder = Tofu(config=name, data_dir=str(_prepared_dir(base, local)), file_format="array_record")
     download_config = tfds.download.DownloadConfig(manual_dir=str(local) if local else None)
-    builder.download_and_prepare(download_config=download_config)
+    with _quiet_tfds() if local is not None else contextlib.nullcontext():
+        builder.download_and_prepare(download_config=download_config)
     return DecodedSplit(builder.as_data_source(split="train"))
 
 
