@@ -57,3 +57,30 @@ def test_adamw_steps_match_torch_with_hf_schedule():
         np.testing.assert_allclose(np.asarray(ours_leaf), p.detach().numpy(), atol=1e-5, rtol=0)
     # and the updates were not trivially zero
     assert max(np.abs(np.asarray(a) - b).max() for a, b in zip(jax.tree.leaves(ours), leaves, strict=False)) > 1e-3
+
+
+def test_adamw_moments_are_sharded_like_their_params():
+    """Left to the compiler, tx.init's zeros came out replicated: the whole AdamW state on every device."""
+    from flax import nnx
+
+    from npo_jax.config import LlamaConfig
+    from npo_jax.model import LlamaForCausalLM, split_params
+    from npo_jax.sharding import make_mesh, param_shardings
+    from npo_jax.train_step import init_state, state_shardings
+
+    raw = {"model_type": "llama", "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128,
+           "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": True}
+    cfg = LlamaConfig.from_hf_dict(raw, "tiny")
+    _, params = split_params(LlamaForCausalLM(cfg, rngs=nnx.Rngs(0)))
+    mesh = make_mesh(1, 8, 1)
+    shardings = param_shardings(cfg, mesh)
+    params = jax.device_put(params, shardings)
+    tx, _ = make_optimizer(params, lr=1e-3, total_steps=10, warmup=0, weight_decay=0.01, max_grad_norm=1.0)
+    target = state_shardings(tx, params, shardings, mesh)
+    state = jax.jit(lambda p: init_state(p, tx), out_shardings=target)(params)
+    adam = state["opt_state"][1][0]
+    for moments in (adam.mu, adam.nu):
+        for m, p in zip(jax.tree.leaves(moments), jax.tree.leaves(params), strict=True):
+            assert m.sharding.is_equivalent_to(p.sharding, m.ndim)
+    emb = adam.mu["embed_tokens"]["embedding"]
+    assert emb.addressable_shards[0].data.size == emb.size // 8  # an eighth per device, not a copy
