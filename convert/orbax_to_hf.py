@@ -20,7 +20,7 @@ from convert.safetensors_io import INDEX_NAME, SafetensorsWriter
 from npo_jax.checkpoint import TOKENIZER_FILES, ParamsReader, copy_side_files
 from npo_jax.config import with_dtype
 from npo_jax.errors import NpoJaxError
-from npo_jax.fs import atomic_output_dir, check_output_dir
+from npo_jax.fs import atomic_output_dir, check_output_dir, file_checksum, write_checksums
 from npo_jax.memory import trim_host_memory
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -74,7 +74,10 @@ def _hf_tensors(reader: ParamsReader, specs, out_dtype):
 def orbax_to_hf(src: str | Path, dst: str | Path, dtype: str | None = None,
                 tokenizer_from: str | Path | None = None, max_shard_size: str | int = "5GB",
                 overwrite: bool = False, progress: bool = True) -> Path:
-    """Export the params of checkpoint `src` as an HF Llama folder `dst`, all or nothing."""
+    """Export the params of checkpoint `src` as an HF Llama folder `dst`, all or nothing.
+
+    The weights files' sizes and sha256 go to `npo_jax_checksums.json`, checked when loaded here.
+    """
     dst = check_output_dir(dst, overwrite)
     reader = ParamsReader(src)
     cfg = reader.config
@@ -92,7 +95,7 @@ def orbax_to_hf(src: str | Path, dst: str | Path, dtype: str | None = None,
     shard_names = [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
 
     with atomic_output_dir(dst, overwrite) as tmp:
-        weight_map, total = {}, 0
+        weight_map, total, checksums = {}, 0, {}
         tensors = _hf_tensors(reader, specs, out_dtype)
         bar = tqdm(total=len(entries), desc="params -> hf", unit="tensor", disable=not progress)
         for shard_name, shard_entries in zip(shard_names, shards, strict=True):
@@ -103,10 +106,11 @@ def orbax_to_hf(src: str | Path, dst: str | Path, dtype: str | None = None,
                 weight_map[name] = shard_name
                 total += tensor.nbytes
                 bar.update()
-            writer.close()
+            checksums[shard_name] = writer.close()
         bar.close()
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        write_checksums(tmp, {**checksums, INDEX_NAME: file_checksum(tmp / INDEX_NAME)})
         (tmp / "config.json").write_text(json.dumps(with_dtype(reader.raw_config, out_name), indent=2) + "\n")
         if not copy_side_files(reader.folder, tmp, ("generation_config.json",)):
             generation = _generation_config(reader.raw_config)

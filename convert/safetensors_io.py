@@ -5,10 +5,15 @@ streams each tensor's bytes straight to the file: `safetensors.numpy.save_file` 
 shard in memory at once, which for a 5 GB shard would dominate peak memory. The format is a
 little-endian u64 header length, a JSON header, then the raw bytes; files written here are read
 back by `safe_open` and by transformers in the tests.
+
+Folders we write carry `npo_jax_checksums.json` (size and sha256 of each weights file, hashed as
+it is written); `HFWeights` checks it before reading, so a damaged or truncated shard is an error
+naming it rather than a wrong model. Folders without it (e.g. HF releases) load unchecked.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 import sys
@@ -19,6 +24,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 
 from npo_jax.errors import NpoJaxError
+from npo_jax.fs import verify_checksums
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -33,6 +39,7 @@ class HFWeights:
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
         files = self._shard_files()
+        self.verified = verify_checksums(self.folder)  # before safe_open: a damaged file is named as such
         self._handles = {}
         self._headers: dict[Path, tuple[int, dict]] = {}
         self.location: dict[str, Path] = {}
@@ -129,9 +136,15 @@ class SafetensorsWriter:
         blob = json.dumps(header, separators=(",", ":")).encode()
         blob += b" " * (-len(blob) % 8)  # the data section starts 8-byte aligned
         self._file = open(path, "wb")
-        self._file.write(struct.pack("<Q", len(blob)) + blob)
+        self._hash, self.size = hashlib.sha256(), 0
+        self._put(struct.pack("<Q", len(blob)) + blob)
         self._next = 0
         self.path = path
+
+    def _put(self, data) -> None:
+        self._file.write(data)
+        self._hash.update(data)
+        self.size += len(data)
 
     def write(self, name: str, array: np.ndarray) -> None:
         exp_name, exp_dtype, exp_shape = self._expected[self._next]
@@ -139,10 +152,12 @@ class SafetensorsWriter:
             got = (name, array.dtype, array.shape)
             raise AssertionError(f"writer expected {(exp_name, exp_dtype, exp_shape)}, got {got}")
         # A uint8 view of the contiguous array: its bytes go to disk without another copy.
-        self._file.write(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
+        self._put(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
         self._next += 1
 
-    def close(self) -> None:
+    def close(self) -> dict:
+        """Close the file; return its {"size", "sha256"} for the folder's checksum manifest."""
         if self._next != len(self._expected):
             raise AssertionError(f"{self.path}: {len(self._expected) - self._next} tensors were not written")
         self._file.close()
+        return {"size": self.size, "sha256": self._hash.hexdigest()}

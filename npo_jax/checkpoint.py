@@ -9,6 +9,12 @@ Two kinds of folder hold params:
   each with a `state` item whose `params` subtree holds the params, and the same config and
   tokenizer files beside the step folders.
 Readers get the newest step of a training checkpoint and read only its params.
+
+Both kinds carry `npo_jax_checksums.json` (size and sha256 of every Orbax file: in the params
+checkpoint's root, and in each step folder, written once the step is complete); readers check it
+first, so a truncated or altered file is an error naming it, not a failure deep inside
+tensorstore or a silently wrong model. A killed save leaves an Orbax temporary folder
+(`N.orbax-checkpoint-tmp...`), which readers ignore and the trainer deletes with a warning.
 """
 
 from __future__ import annotations
@@ -26,11 +32,13 @@ from orbax.checkpoint import v1 as ocp_v1
 from convert.mapping import get_path, iter_paths, param_specs, set_path, stored_shape
 from npo_jax.config import LlamaConfig, read_config_dict
 from npo_jax.errors import NpoJaxError
+from npo_jax.fs import checksum_tree, verify_checksums, warn, write_checksums
 from npo_jax.memory import trim_host_memory
 
 PARAMS_DIR = "params"
 STATE_ITEM = "state"
 MARKER = "npo_jax_params.json"
+ORBAX_TMP = ".orbax-checkpoint-tmp"  # Orbax writes step N as N.orbax-checkpoint-tmp..., renamed when complete
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -71,6 +79,7 @@ def save_params_checkpoint(dst: Path, arrays: Iterable[tuple[tuple[str, ...], ob
         del tree, array
         trim_host_memory()
     ocp_v1.partial.finalize(target)
+    write_checksums(dst, checksum_tree(dst, PARAMS_DIR))
     copy_side_files(source, dst)
     (dst / MARKER).write_text(json.dumps({"format": "npo-jax-params", "version": 1, "dtype": dtype,
                                           "source": str(source)}, indent=2) + "\n")
@@ -91,17 +100,46 @@ def _step_dirs(root: Path) -> list[Path]:
     return sorted((p for p in root.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
 
 
+def remove_unfinished_saves(root: Path) -> list[Path]:
+    """Delete the temporary folders of saves that never completed (the process was killed)."""
+    left = [p for p in root.iterdir() if ORBAX_TMP in p.name] if root.is_dir() else []
+    for p in left:
+        warn(f"{p}: removing an unfinished checkpoint save (the run was killed while writing it)")
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink()
+    return left
+
+
+def verify_step(step_dir: Path) -> None:
+    """Check a training checkpoint step against its checksum manifest; the error says what to do."""
+    try:
+        if not verify_checksums(step_dir):
+            warn(f"{step_dir}: no checksum manifest (the run stopped just after the save, or "
+                 f"checkpoint.checksums=false); using it unchecked")
+    except NpoJaxError as e:
+        earlier = [int(p.name) for p in _step_dirs(step_dir.parent) if int(p.name) < int(step_dir.name)]
+        hint = (f"delete {step_dir} to resume from step {earlier[-1]}" if earlier
+                else "no earlier checkpoint is left; start again with --overwrite")
+        raise NpoJaxError(f"{e}; checkpoint step {step_dir.name} is damaged: {hint}") from None
+
+
 class ParamsReader:
     """Params of a params or training checkpoint, validated against the config, read per tensor."""
 
-    def __init__(self, folder: str | Path):
+    def __init__(self, folder: str | Path, verify: bool = True):
         self.folder = Path(folder)
         if not self.folder.is_dir():
             raise NpoJaxError(f"{self.folder}: no such checkpoint folder")
         if (self.folder / MARKER).is_file() and (item := _pytree_dir(self.folder / PARAMS_DIR)):
             self.item_dir, self.prefix = item, ()
+            if verify:
+                verify_checksums(self.folder)
         elif steps := [s for s in _step_dirs(self.folder) if (s / STATE_ITEM).is_dir()]:
             self.item_dir, self.prefix = steps[-1] / STATE_ITEM, ("params",)
+            if verify:
+                verify_step(steps[-1])
         else:
             raise NpoJaxError(
                 f"{self.folder}: not an npo-jax Orbax checkpoint (expected {PARAMS_DIR}/ and {MARKER} from "
@@ -159,8 +197,14 @@ class ParamsReader:
                    else ocp.RestoreArgs(restore_type=np.ndarray))
             set_path(item, full, abstract)
             set_path(args, full, arg)
+        checkpointer = ocp.PyTreeCheckpointer()
+        if shardings is None:  # numpy reads are this process's alone: no barrier (export runs on one host)
+            local = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
+                                                       active_processes={jax.process_index()})
+            checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(multiprocessing_options=local),
+                                            multiprocessing_options=local)
         try:
-            restored = ocp.PyTreeCheckpointer().restore(
+            restored = checkpointer.restore(
                 self.item_dir.absolute(),
                 args=ocp.args.PyTreeRestore(item=item, restore_args=args, partial_restore=True),
             )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from npo_jax.errors import NpoJaxError
+from npo_jax.errors import NpoJaxError, Preempted
 
 
 def _convert_parser(sub) -> None:
@@ -90,6 +90,12 @@ def _sweep_parser(sub) -> None:
     p.add_argument("--max-runs", type=int, default=None, help="stop after training this many runs")
 
 
+def _audit_parser(sub) -> None:
+    from npo_jax.audit.cli import add_arguments
+
+    add_arguments(sub.add_parser("audit", help="leak probes beyond the TOFU metrics, several models side by side"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="npo-jax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -98,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     _eval_parser(sub)
     _demo_parser(sub)
     _sweep_parser(sub)
+    _audit_parser(sub)
     return parser
 
 
@@ -116,6 +123,10 @@ def _run(args) -> None:
         from npo_jax.eval.cli import run_eval
 
         run_eval(args)
+    elif args.command == "audit":
+        from npo_jax.audit.cli import run_audit
+
+        run_audit(args)
     elif args.command in ("unlearn", "finetune"):
         from npo_jax.run_config import load_run_config
         from npo_jax.train import Trainer
@@ -143,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     except NpoJaxError as e:
         print(f"npo-jax: error: {e}", file=sys.stderr)
         return 2
+    except Preempted as e:  # checkpoint written: the job can be requeued with --resume
+        print(f"npo-jax: preempted: {e}", file=sys.stderr)
+        return Preempted.exit_code
     return 0
 
 

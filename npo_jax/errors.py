@@ -7,3 +7,13 @@ class NpoJaxError(Exception):
 
 class ConfigError(NpoJaxError):
     """An HF config.json field that is missing or has a value we do not support."""
+
+
+class Preempted(Exception):
+    """Training stopped on SIGTERM/SIGINT after its checkpoint was written; `--resume` continues.
+
+    The CLI exits with `exit_code` (75, EX_TEMPFAIL: "try again"), so a job scheduler can tell a
+    preemption (requeue with --resume) from a failure (2) or a finished run (0).
+    """
+
+    exit_code = 75

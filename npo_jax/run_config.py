@@ -66,6 +66,10 @@ class OptimConfig:
     eps: float = 1e-8
     effective_batch: int = 32  # per_device_batch x grad_accum x data-parallel devices
     per_device_batch: int = 4
+    # 0: a NaN/inf loss or gradient stops the run (the last checkpoint is kept); N > 0: such an
+    # update is skipped (params and optimizer state unchanged, counted in metrics), and the run
+    # stops only after more than N in a row
+    skip_nonfinite: int = 0
 
 
 @dataclass
@@ -82,6 +86,8 @@ class CheckpointConfig:
     keep: int = 2
     export_hf: bool = True
     export_dtype: str | None = None  # default: the source model's dtype
+    # sha256 of every checkpoint file, checked on restore (costs a read of the step, ~1 s/GB, per save)
+    checksums: bool = True
 
 
 @dataclass

@@ -8,13 +8,24 @@ Run folder layout:
                           model's config.json and tokenizer files, so it exports as is
     reference_logprobs.npy  cached NPO reference log-probs of the forget set
     hf/                   the final params exported as an HF folder (unless turned off)
+
+Faults (docs/reliability.md): SIGTERM/SIGINT finish the step, save, and raise `Preempted` (exit
+75); a save killed half-way is an Orbax temporary folder, deleted with a warning at the next
+start; each complete step gets a checksum manifest, checked before it is restored; a failed save
+(disk full) or a NaN/inf step stops the run naming the last complete checkpoint. On several
+hosts, each builds only the batch rows its devices hold, and the hosts agree before acting on
+anything one of them saw alone (a signal, a missing cache file, a failed check).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import math
 import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,18 +33,20 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 from flax.jax_utils import replicate
+from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from convert.orbax_to_hf import orbax_to_hf
 from npo_jax import distributed
-from npo_jax.checkpoint import STATE_ITEM, TOKENIZER_FILES, copy_side_files
+from npo_jax.checkpoint import STATE_ITEM, TOKENIZER_FILES, copy_side_files, remove_unfinished_saves, verify_step
 from npo_jax.data.batches import StepPlan, retain_pairing, step_batch
 from npo_jax.data.tofu import load_split
 from npo_jax.data.tokenize import ChatFormat, encode_qa, load_tokenizer
-from npo_jax.errors import NpoJaxError
-from npo_jax.fs import atomic_write_text
+from npo_jax.errors import NpoJaxError, Preempted
+from npo_jax.fs import atomic_write_text, checksum_tree, warn, write_checksums
 from npo_jax.losses import Objective
 from npo_jax.model import abstract_model, split_params
 from npo_jax.model_io import load_model
@@ -42,10 +55,12 @@ from npo_jax.reference import cache_key, cached_reference_logprobs, sequence_log
 from npo_jax.run_config import RunConfig, to_yaml
 from npo_jax.sharding import make_mesh, param_shardings
 from npo_jax.train_step import (
+    BATCH_AXES,
     batch_shardings,
     init_state,
     make_pmap_step,
     make_sharded_step,
+    state_shardings,
     to_pmap_batch,
 )
 
@@ -97,18 +112,67 @@ def _prepare_output(out: Path, overwrite: bool) -> None:
 
 
 def _drop_metrics_after(path: Path, step: int) -> None:
-    """On resume, forget the records of steps after the restored checkpoint: they are run again."""
+    """On resume, forget the records of steps after the restored checkpoint: they are run again.
+
+    A last line without its newline is a record torn by a kill; it goes too.
+    """
     if not path.is_file():
         return
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    kept = [line for line in lines if json.loads(line)["step"] <= step]
+    text = path.read_text()
+    lines = [line for line in text.splitlines(keepends=True) if line.strip()]
+    kept = [line for line in lines if line.endswith("\n") and json.loads(line)["step"] <= step]
     if len(kept) < len(lines):
-        atomic_write_text(path, "".join(line + "\n" for line in kept))
+        atomic_write_text(path, "".join(kept))
 
 
 def _tokenize_split(tokenizer, rows, fmt: ChatFormat, max_length: int):
     examples = [encode_qa(tokenizer, r["question"], r["answer"], fmt, max_length) for r in rows]
     return examples, sum(e.truncated for e in examples)
+
+
+def _first_line(e: BaseException, head: int = 150, tail: int = 350) -> str:
+    """The error's first line, its middle elided if long (tensorstore puts the OS reason at the end)."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return text if len(text) <= head + tail else f"{text[:head]} ... {text[-tail:]}"
+
+
+def _out_of_space(e: BaseException) -> bool:
+    codes = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+    return getattr(e, "errno", None) in codes or any(
+        os_text in str(e) for os_text in ("No space left", "File too large", "Disk quota exceeded"))
+
+
+class _StopSignals:
+    """While active, SIGTERM and SIGINT only set a flag that the loop reads between steps.
+
+    The first signal puts the previous handlers back, so a second one acts as before (terminate,
+    KeyboardInterrupt) if the user does not want to wait for the checkpoint.
+    """
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous: dict = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
+            self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = signum
+        self._restore()
+
+    def _restore(self):
+        for s, handler in self._previous.items():  # None: a handler set outside Python, not restorable
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
+        self._previous = {}
+
+    def __exit__(self, *exc):
+        self._restore()
+
+    def requested(self) -> bool:
+        """Whether any host got a signal (a collective on several hosts: all stop at the same step)."""
+        return distributed.any_process(self.received is not None)
 
 
 class Trainer:
@@ -124,6 +188,8 @@ class Trainer:
             cfg.method.retain_loss, cfg.method.reference)
         if mode == "unlearn" and cfg.method.name == "finetune":
             raise NpoJaxError("config method.name: 'finetune' is for `npo-jax finetune`")
+        if cfg.optim.skip_nonfinite < 0:
+            raise NpoJaxError(f"config optim.skip_nonfinite: {cfg.optim.skip_nonfinite} must be >= 0")
         self.layout = Layout.from_config(cfg)
         self._load_data()
         self._load_model()
@@ -134,17 +200,25 @@ class Trainer:
             self.params_template, lr=cfg.optim.lr, total_steps=self.plan.total_steps, warmup=warm,
             weight_decay=cfg.optim.weight_decay, max_grad_norm=cfg.optim.max_grad_norm,
             b1=cfg.optim.b1, b2=cfg.optim.b2, eps=cfg.optim.eps)
+        if cfg.optim.skip_nonfinite:  # a non-finite gradient leaves params and optimizer state as they were
+            self.tx = optax.apply_if_finite(self.tx, max_consecutive_errors=cfg.optim.skip_nonfinite)
+        self.ckpt_dir = (self.out / "checkpoints").absolute()
+        distributed.barrier("npo_jax_output_checked")  # no host may see the folder the primary creates now
         if distributed.is_primary():  # all input checked: only now is the output folder touched
             _prepare_output(self.out, overwrite and not resume)
+            remove_unfinished_saves(self.ckpt_dir)
         cached = self.obj.method == "NPO" and self.obj.reference == "cached"
         self.ref_logp = self._reference_logprobs() if cached else None
         self._build_state()
         self.manager = ocp.CheckpointManager(
-            (self.out / "checkpoints").absolute(), item_names=(STATE_ITEM, "meta"),
+            self.ckpt_dir, item_names=(STATE_ITEM, "meta"),
             options=ocp.CheckpointManagerOptions(max_to_keep=cfg.checkpoint.keep, create=True))
         self.start_step = 0
+        self.last_saved = self.last_complete = None  # newest step saved (maybe still writing) / written
+        self._in_flight: list[int] = []
         if resume and self.manager.latest_step() is not None:
             self._restore(self.manager.latest_step())
+            self.last_saved = self.last_complete = self.start_step
 
     # -- setup ---------------------------------------------------------------------------------
     def _load_data(self) -> None:
@@ -191,7 +265,14 @@ class Trainer:
                                      buckets=cfg.data.length_buckets, pad_id=self.pad_id, eot_id=self.eot_id,
                                      eot_mask_quirk=cfg.data.eot_mask_quirk)
 
-        values, hit = cached_reference_logprobs(self.cache_dir / "reference_logprobs", key, compute)
+        cache = self.cache_dir / "reference_logprobs"
+        # compute() is a collective on several hosts: if any host lacks the file (per-host caches,
+        # a replaced host), all compute; cached_reference_logprobs names files KEY.npy
+        have = (cache / f"{key}.npy").is_file()
+        if distributed.any_process(not have) and have:
+            values, hit = compute(), False
+        else:
+            values, hit = cached_reference_logprobs(cache, key, compute)
         if distributed.is_primary():
             np.save(self.out / "reference_logprobs.npy", values)
         self.reference_cache_hit = hit
@@ -201,8 +282,8 @@ class Trainer:
         live = self.obj.needs_live_reference
         params = self.params_template
         if self.layout.strategy == "sharded":
-            state = jax.jit(lambda p: init_state(p, self.tx))(params)
-            self.state_shardings = jax.tree.map(lambda x: x.sharding, state)
+            self.state_shardings = state_shardings(self.tx, params, self.param_shardings, self.layout.mesh)
+            state = jax.jit(lambda p: init_state(p, self.tx), out_shardings=self.state_shardings)(params)
             self.ref_params = jax.tree.map(jnp.copy, params) if live else None
             self.step_fn = make_sharded_step(self.graphdef, self.obj, self.tx, self.schedule, self.layout.mesh,
                                              self.state_shardings, self.layout.units,
@@ -223,47 +304,144 @@ class Trainer:
         return self.state
 
     def save(self, step: int) -> None:
+        """Start an async save of `step` (after the previous one is complete and checksummed)."""
+        self._finish_saves()
         meta = {"step": step, "data_position": step, "total_steps": self.plan.total_steps, "seed": self.cfg.seed,
                 "mode": self.mode, "strategy": self.layout.strategy}
-        self.manager.save(step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardSave(self._host_state()),
-                                                           "meta": ocp.args.JsonSave(meta)}), force=True)
+        try:
+            self.manager.save(step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardSave(self._host_state()),
+                                                               "meta": ocp.args.JsonSave(meta)}), force=True)
+        except Exception as e:
+            raise NpoJaxError(self._save_failed(step, e)) from e
+        self.last_saved = step
+        self._in_flight.append(step)
+
+    def _finish_saves(self) -> None:
+        """Wait for the saves in flight; then the primary records each new step's checksums.
+
+        The manifest goes into the step folder once Orbax has renamed it into place, so a step
+        without one is complete but unchecked (the run died in between), never half-written.
+        """
+        if not self._in_flight:
+            return
+        step = self._in_flight[-1]
+        try:
+            self.manager.wait_until_finished()
+            if distributed.is_primary() and self.cfg.checkpoint.checksums:
+                for s in self._in_flight:
+                    write_checksums(self.ckpt_dir / str(s), checksum_tree(self.ckpt_dir / str(s)))
+        except Exception as e:
+            raise NpoJaxError(self._save_failed(step, e)) from e
+        self.last_complete = step
+        self._in_flight.clear()
+
+    def _save_failed(self, step: int, e: BaseException) -> str:
+        hint = " (out of disk space?)" if _out_of_space(e) else ""
+        kept = (f"the last complete checkpoint, step {self.last_complete}, is intact" if self.last_complete
+                else "no earlier checkpoint was written")
+        return f"{self.ckpt_dir}: saving the checkpoint of step {step} failed{hint}: {_first_line(e)}; {kept}"
 
     def _restore(self, step: int) -> None:
+        step_dir = self.ckpt_dir / str(step)
+        failed = None
+        if distributed.is_primary():  # one host reads the files; all learn the verdict
+            try:
+                verify_step(step_dir)
+            except NpoJaxError as e:
+                failed = e
+        if distributed.any_process(failed is not None):
+            raise failed or NpoJaxError(f"{step_dir}: failed its checksum check on process 0 (see its log)")
         host = self._host_state()
         if self.layout.strategy == "sharded":
             abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), host,
                                     self.state_shardings)
         else:
             abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), host)
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            **{STATE_ITEM: ocp.args.StandardRestore(abstract), "meta": ocp.args.JsonRestore()}))
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(
+                **{STATE_ITEM: ocp.args.StandardRestore(abstract), "meta": ocp.args.JsonRestore()}))
+        except Exception as e:
+            raise NpoJaxError(f"{step_dir}: cannot restore the checkpoint ({_first_line(e)}); was it saved by a run "
+                              f"with another model or optimizer config (e.g. optim.skip_nonfinite)?") from None
+        meta = restored["meta"]
+        if (meta["total_steps"], meta["seed"]) != (self.plan.total_steps, self.cfg.seed):
+            raise NpoJaxError(f"{step_dir}: saved by a run of {meta['total_steps']} steps with seed {meta['seed']}; "
+                              f"this config makes {self.plan.total_steps} steps with seed {self.cfg.seed} (the "
+                              f"data order would differ: keep optim.effective_batch, optim.epochs, seed and the data)")
         state = restored[STATE_ITEM]
         if self.layout.strategy == "pmap":
             state = replicate(jax.device_get(state), jax.local_devices())
         self.state = state
-        self.start_step = int(restored["meta"]["data_position"])
+        self.start_step = int(meta["data_position"])
 
     # -- the loop ----------------------------------------------------------------------------------
+    def _local_rows(self, n: int) -> np.ndarray:
+        """Which rows of an n-row micro-batch this process's devices hold (all of them on one host)."""
+        if jax.process_count() == 1:
+            return np.arange(n)
+        if self.layout.strategy == "pmap":  # device d of the pmap takes rows [d*b, (d+1)*b)
+            b, n_local = n // self.layout.n_devices, jax.local_device_count()
+            lo = jax.process_index() * n_local
+            return np.arange(lo * b, (lo + n_local) * b)
+        sharding = NamedSharding(self.layout.mesh, PartitionSpec(None, BATCH_AXES))
+        spans = {idx[1].indices(n)[:2] for idx in sharding.addressable_devices_indices_map((1, n)).values()}
+        return np.concatenate([np.arange(lo, hi) for lo, hi in sorted(spans)])
+
+    def _step_tokens(self, step: int) -> int:
+        """Non-padding tokens in the whole step (all hosts), for tokens_per_s."""
+        idx = self.plan.indices(step)
+        tokens = sum(len(self.forget[i].input_ids) for i in idx)
+        if self.retain is not None:
+            tokens += sum(len(self.retain[j].input_ids) for j in self.pairing[idx])
+        return tokens
+
     def _device_batch(self, step: int):
-        cfg = self.cfg
+        """The step's batch on the devices; each host builds and places only its own rows."""
+        cfg, accum = self.cfg, self.layout.accum
+        n = cfg.optim.effective_batch // accum  # rows per micro-batch
+        local = self._local_rows(n)
+        rows = (np.arange(accum)[:, None] * n + local[None, :]).reshape(-1)
         host = step_batch(self.plan, step, self.forget, buckets=cfg.data.length_buckets, pad_id=self.pad_id,
                           eot_id=self.eot_id, eot_mask_quirk=cfg.data.eot_mask_quirk, retain=self.retain,
-                          pairing=self.pairing, ref_logp=self.ref_logp)
-        tokens = int(host["forget"]["attention_mask"].sum())
-        if "retain" in host:
-            tokens += int(host["retain"]["attention_mask"].sum())
+                          pairing=self.pairing, ref_logp=self.ref_logp, rows=rows)
         host.pop("forget_index")
-        accum = self.layout.accum
-        host = jax.tree.map(lambda x: x.reshape(accum, -1, *x.shape[1:]), host)
+        host = jax.tree.map(lambda x: x.reshape(accum, len(local), *x.shape[1:]), host)
         if self.layout.strategy == "pmap":
-            per_dev = to_pmap_batch(host, self.layout.n_devices)
-            n_local = jax.local_device_count()
-            lo = jax.process_index() * n_local
-            return jax.tree.map(lambda x: x[lo:lo + n_local], per_dev), tokens
+            return to_pmap_batch(host, jax.local_device_count()), self._step_tokens(step)
         shardings = batch_shardings(host, self.layout.mesh)
-        batch = jax.tree.map(lambda x, s: jax.make_array_from_callback(x.shape, s, lambda idx, x=x: x[idx]),
+        batch = jax.tree.map(lambda x, s: jax.make_array_from_process_local_data(s, x, (accum, n, *x.shape[2:])),
                              host, shardings)
-        return batch, tokens
+        return batch, self._step_tokens(step)
+
+    def _check_finite(self, step: int, metrics: dict) -> int | None:
+        """Stop on a non-finite loss or gradient, unless optim.skip_nonfinite let optax skip it.
+
+        Returns the number of updates skipped so far (skip mode), else None.
+        """
+        limit = self.cfg.optim.skip_nonfinite
+        skipped = None
+        if limit:
+            guard = self.state["opt_state"]  # optax.ApplyIfFiniteState
+            applied, in_a_row, skipped = (int(np.asarray(x).reshape(-1)[0]) for x in jax.device_get(
+                (guard.last_finite, guard.notfinite_count, guard.total_notfinite)))
+        if all(math.isfinite(v) for v in metrics.values()):
+            return skipped
+        bad = ", ".join(f"{k}={v}" for k, v in metrics.items() if not math.isfinite(v))
+        if limit and not applied and in_a_row <= limit:
+            warn(f"step {step}: non-finite {bad}; update skipped ({in_a_row} in a row, {skipped} in all)")
+            return skipped
+        why = f" ({in_a_row} in a row, more than optim.skip_nonfinite={limit})" if limit and not applied else ""
+        kept = (f"the last good checkpoint (step {self.last_saved}) is kept" if self.last_saved
+                else "nothing saved")
+        raise NpoJaxError(f"step {step}: non-finite {bad}{why}; stopping, {kept}")
+
+    def _stop(self, step: int, signum: int | None) -> None:
+        if self.last_saved != step:
+            self.save(step)
+        self._finish_saves()
+        why = signal.Signals(signum).name if signum else "a stop signal on another host"
+        raise Preempted(f"{why}: stopped after step {step} of {self.total_steps}, checkpoint "
+                        f"{self.ckpt_dir / str(step)} written; continue with --resume")
 
     def train(self) -> dict:
         cfg = self.cfg
@@ -287,43 +465,46 @@ class Trainer:
             if n and primary:
                 tqdm.write(f"{split}: {n} examples longer than data.max_length={cfg.data.max_length} were truncated")
         last = {}
-        last_saved = self.start_step if self.start_step else None
-        try:
-            for step in range(self.start_step, self.total_steps):
-                batch, tokens = self._device_batch(step)
-                t0 = time.perf_counter()
-                self.state, metrics = self.step_fn(self.state, self.ref_params, batch)
-                metrics = {k: float(np.asarray(v).reshape(-1)[0]) for k, v in jax.device_get(metrics).items()}
-                dt = time.perf_counter() - t0
-                if not all(math.isfinite(v) for v in metrics.values()):
-                    bad = ", ".join(f"{k}={v}" for k, v in metrics.items() if not math.isfinite(v))
-                    kept = f"the last good checkpoint (step {last_saved}) is kept" if last_saved else "nothing saved"
-                    raise NpoJaxError(f"step {step + 1}: non-finite {bad}; stopping, {kept}")
-                record = {"step": step + 1, "epoch": step // self.plan.steps_per_epoch, **metrics,
-                          "tokens": tokens, "tokens_per_s": tokens / dt, "step_time_s": dt}
-                last = record
-                if primary:
-                    metrics_file.write(json.dumps(record) + "\n")
-                    metrics_file.flush()
-                    for k, v in record.items():
-                        if k != "step":
-                            writer.add_scalar(f"train/{k}", v, step + 1)
-                bar.set_postfix({k: f"{record[k]:.4g}" for k in ("loss", "forget_loss", "retain_loss", "lr",
-                                                                  "tokens_per_s") if k in record})
-                bar.update()
-                every = cfg.checkpoint.every_steps
-                if every and (step + 1) % every == 0 and step + 1 < self.total_steps:
-                    self.save(step + 1)
-                    last_saved = step + 1
-            if self.total_steps > (last_saved or 0):
-                self.save(self.total_steps)
-            self.manager.wait_until_finished()
-        finally:
-            bar.close()
-            self.manager.wait_until_finished()
+        with _StopSignals() as stop, contextlib.ExitStack() as closing:
+            closing.callback(bar.close)
             if primary:
-                metrics_file.close()
-                writer.close()
+                closing.callback(writer.close)
+                closing.callback(metrics_file.close)
+            try:
+                for step in range(self.start_step, self.total_steps):
+                    batch, tokens = self._device_batch(step)
+                    t0 = time.perf_counter()
+                    self.state, metrics = self.step_fn(self.state, self.ref_params, batch)
+                    metrics = {k: float(np.asarray(v).reshape(-1)[0]) for k, v in jax.device_get(metrics).items()}
+                    dt = time.perf_counter() - t0
+                    skipped = self._check_finite(step + 1, metrics)
+                    record = {"step": step + 1, "epoch": step // self.plan.steps_per_epoch, **metrics,
+                              "tokens": tokens, "tokens_per_s": tokens / dt, "step_time_s": dt}
+                    if skipped is not None:
+                        record["skipped_nonfinite"] = skipped
+                    last = record
+                    if primary:
+                        metrics_file.write(json.dumps(record) + "\n")
+                        metrics_file.flush()
+                        for k, v in record.items():
+                            if k != "step":
+                                writer.add_scalar(f"train/{k}", v, step + 1)
+                    bar.set_postfix({k: f"{record[k]:.4g}" for k in ("loss", "forget_loss", "retain_loss", "lr",
+                                                                      "tokens_per_s") if k in record})
+                    bar.update()
+                    every = cfg.checkpoint.every_steps
+                    if every and (step + 1) % every == 0 and step + 1 < self.total_steps:
+                        self.save(step + 1)
+                    if stop.requested() and step + 1 < self.total_steps:
+                        self._stop(step + 1, stop.received)
+                if self.total_steps > (self.last_saved or 0):
+                    self.save(self.total_steps)
+                self._finish_saves()
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    self._finish_saves()  # a save in flight is of an earlier, good step: let it complete
+                raise
+        # signals act as usual again: the export is all-or-nothing, and --resume redoes it
         if cfg.checkpoint.export_hf and primary:
             orbax_to_hf(self.out / "checkpoints", self.out / "hf", dtype=cfg.checkpoint.export_dtype,
                         overwrite=True, progress=self.progress)

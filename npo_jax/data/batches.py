@@ -88,12 +88,20 @@ class StepPlan:
 
 def step_batch(plan: StepPlan, step: int, forget: list[Example], *, buckets: list[int], pad_id: int,
                eot_id: int | None, eot_mask_quirk: bool, retain: list[Example] | None = None,
-               pairing: np.ndarray | None = None, ref_logp: np.ndarray | None = None) -> dict:
-    """Host arrays for one optimizer step: {"forget": {...}, "retain": {...}, "forget_ref_logp"}."""
+               pairing: np.ndarray | None = None, ref_logp: np.ndarray | None = None,
+               rows: np.ndarray | None = None) -> dict:
+    """Host arrays for one optimizer step: {"forget": {...}, "retain": {...}, "forget_ref_logp"}.
+
+    `rows` keeps only those positions of the step's examples (one host's share of the batch); the
+    padded length is still the whole step's, so every host pads alike.
+    """
     idx = plan.indices(step)
     chosen = [forget[i] for i in idx]
     partners = [retain[j] for j in pairing[idx]] if retain is not None else []
     length = bucket_length(max(len(e.input_ids) for e in chosen + partners), buckets)
+    if rows is not None:
+        idx, chosen = idx[rows], [chosen[r] for r in rows]
+        partners = [partners[r] for r in rows] if partners else []
     kw = dict(pad_id=pad_id, eot_id=eot_id, eot_mask_quirk=eot_mask_quirk)
     batch = {"forget": pad_examples(chosen, length, **kw), "forget_index": idx.astype(np.int32)}
     if retain is not None:
