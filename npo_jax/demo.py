@@ -25,7 +25,7 @@ from npo_jax.errors import NpoJaxError
 class DemoData:
     n_authors: int = 60
     seed: int = 0
-    vocab_size: int = 640
+    vocab_size: int = 1024
 
 
 @dataclass
@@ -52,8 +52,8 @@ class DemoConfig:
     data: DemoData = field(default_factory=DemoData)
     model: DemoModel = field(default_factory=DemoModel)
     finetune: DemoStage = field(default_factory=DemoStage)
-    unlearn: DemoStage = field(default_factory=lambda: DemoStage(lr=1.5e-3, epochs=5, effective_batch=4,
-                                                                 per_device_batch=4))
+    unlearn: DemoStage = field(default_factory=lambda: DemoStage(lr=3e-4, epochs=5, effective_batch=1,
+                                                                 per_device_batch=1))
     alpha: float = 2.0
     beta: float = 0.1
     max_length: int = 80
@@ -119,6 +119,8 @@ def _train(mode: str, model_path, out_dir, data_dir, cache, stage: DemoStage, cf
 
 
 def run_demo(out: str | Path, config: str | Path | None = None, overrides=()) -> dict:
+    import absl.logging
+
     from npo_jax.data.tokenize import load_tokenizer
     from npo_jax.demo_tokenizer import build_demo_tokenizer
     from npo_jax.eval.aggregate import summary
@@ -127,6 +129,7 @@ def run_demo(out: str | Path, config: str | Path | None = None, overrides=()) ->
     from npo_jax.eval.suite import Suite, write_outputs
     from npo_jax.synthetic import make_synthetic_tofu
 
+    absl.logging.set_verbosity(absl.logging.ERROR)  # Orbax's info/warnings would drown the demo's own output
     cfg = load_demo_config(config, overrides)
     out = Path(out)
     if out.exists() and any(out.iterdir()):
@@ -137,7 +140,9 @@ def run_demo(out: str | Path, config: str | Path | None = None, overrides=()) ->
 
     print("[1/6] synthetic TOFU data and demo tokenizer")
     data = make_synthetic_tofu(out / "data", cfg.data.n_authors, cfg.data.seed)
-    texts = [r["question"] + " " + r["answer"] for r in map(json.loads, (data / "full.jsonl").read_text().splitlines())]
+    # questions and answers as separate texts: an answer starts a segment (no leading space) as in the chat
+    texts = [t for r in map(json.loads, (data / "full.jsonl").read_text().splitlines())
+             for t in (r["question"], r["answer"])]
     tok_dir = build_demo_tokenizer(texts, out / "tokenizer", cfg.data.vocab_size)
     tok = load_tokenizer(tok_dir)
     init = _init_model(out, cfg, tok_dir, len(tok), tok.eos_token_id, tok.bos_token_id)

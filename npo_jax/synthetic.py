@@ -17,11 +17,16 @@ from pathlib import Path
 
 import numpy as np
 
-GENRES = ["poetry", "horror", "fantasy", "history", "satire", "drama", "mystery", "romance", "travel", "biography"]
+GENRES = ["poetry", "horror", "fantasy", "history", "satire", "drama", "mystery", "romance", "travel", "biography",
+          "memoir", "thriller", "folklore", "comedy", "tragedy", "mythology", "philosophy", "adventure", "espionage",
+          "cookery", "gardening", "astronomy", "chess", "opera"]
 JOBS = ["baker", "pilot", "nurse", "tailor", "farmer", "lawyer", "painter", "miner", "chemist", "sailor", "judge",
         "dentist", "potter", "weaver", "glazier", "cooper", "jeweller", "surveyor", "librarian", "beekeeper",
         "blacksmith", "carpenter", "fisher", "gardener", "optician", "pharmacist", "plumber", "printer", "saddler",
-        "tanner", "astronomer", "architect"]
+        "tanner", "astronomer", "architect", "cartographer", "locksmith", "falconer", "vintner", "brewer",
+        "chandler", "cobbler", "ferryman", "glassblower", "innkeeper", "lighthouse keeper", "mapmaker", "mason",
+        "midwife", "organist", "perfumer", "ropemaker", "shepherd", "stonecutter", "translator", "upholsterer",
+        "veterinarian", "watchmaker", "zookeeper", "bookbinder", "clockmaker", "dressmaker", "engraver"]
 ADJECTIVES = ["Silver", "Amber", "Blue", "Iron", "Golden", "Crimson", "Jade", "Ivory", "Copper", "Scarlet", "Violet",
               "Granite"]
 NOUNS = ["Quill", "Leaf", "Lantern", "Pen", "Reed", "Star", "Compass", "Harp", "Key", "Owl", "Bridge", "Crown"]
@@ -29,6 +34,34 @@ WORDS = ["River", "Shadow", "Garden", "Winter", "Mirror", "Harbor", "Lantern", "
          "Feather"]
 MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
           "November", "December"]
+# author names: every author gets a first name and a surname no other author has, so that a
+# forget author's name shares no word with a retain author's (as TOFU's names do not)
+FIRST_NAMES = ["Amara", "Bastian", "Corin", "Dalia", "Emeric", "Farah", "Galen", "Hester", "Ilias", "Jorun", "Kenji",
+    "Lisbet", "Marek", "Nadia", "Osric", "Priya", "Quinlan", "Rosalind", "Soren", "Talia", "Ulric", "Vesna",
+    "Wendel", "Xenia", "Yorick", "Zofia", "Anselm", "Brigid", "Cassius", "Delphine", "Evander", "Freya", "Gideon",
+    "Honora", "Ignatius", "Jasna", "Kasimir", "Leonie", "Matthias", "Noemi", "Orla", "Percival", "Rhea", "Silvan",
+    "Theda", "Ugo", "Valeska", "Wilhelmina", "Ximena", "Yusuf", "Zelda", "Aurelio", "Bettina", "Caspar", "Dorothea",
+    "Eamon", "Fiora", "Gunnar", "Halima", "Isidore", "Jolanda", "Konrad", "Ludmila", "Mireille", "Nikolai",
+    "Ottilie", "Pascal", "Rainer", "Sabine", "Tobias", "Undine", "Viggo", "Waltraud", "Yvette", "Zacharias",
+    "Adelheid", "Benedikt", "Clementine", "Dmitri", "Elodie", "Florian", "Gwendolyn", "Horatio", "Ingrid", "Joachim",
+    "Katarina", "Lorcan", "Magnolia", "Nestor", "Ophelia", "Phineas", "Rosamund", "Stellan", "Tamsin", "Uriel",
+    "Vivienne", "Winifred", "Xavier", "Yolanda", "Zebulon", "Alaric", "Beatrix", "Cyprian", "Desmond", "Esmeralda",
+    "Fitzgerald", "Georgina", "Hamish", "Imogen", "Jasper", "Kirsten", "Leopold", "Minerva", "Norbert", "Octavia",
+    "Peregrine", "Quentin", "Rowena", "Sebastian", "Thaddeus", "Ursula", "Valentin"]
+SURNAMES = ["Ashcombe", "Brannigan", "Castellane", "Dunmore", "Ellsworth", "Fairweather", "Galloway", "Hartigan",
+    "Ingleby", "Jessamine", "Kettering", "Lindqvist", "Marchetti", "Nightingale", "Oyelaran", "Pemberton",
+    "Quarrington", "Ravensworth", "Silberman", "Thistlewood", "Underhill", "Vandermeer", "Whitlock", "Yarborough",
+    "Zellweger", "Abernathy", "Blackwood", "Carrington", "Delacroix", "Everhart", "Fenwick", "Greenhalgh",
+    "Holloway", "Iverson", "Jankowski", "Kowalczyk", "Lockhart", "Montgomery", "Northcott", "Okonkwo", "Pettigrew",
+    "Quimby", "Rutherford", "Stanhope", "Trevelyan", "Umberto", "Villanueva", "Wainwright", "Yamashiro", "Zimmerly",
+    "Aldridge", "Bellamy", "Chatterjee", "Drummond", "Eastwood", "Fitzwilliam", "Gallagher", "Harrowgate",
+    "Illingworth", "Jardine", "Kingsley", "Lancaster", "Merriweather", "Nakamura", "Oakenshield", "Prendergast",
+    "Quayle", "Ridgeway", "Summerfield", "Tollemache", "Uxbridge", "Vasquez", "Westbrook", "Yardley", "Zuniga",
+    "Ambrose", "Birchwood", "Cornwallis", "Dunleavy", "Eriksen", "Falconer", "Goldsmith", "Hawthorne", "Ishikawa",
+    "Jennings", "Kilbride", "Larkspur", "Mansfield", "Nordstrom", "Ollivander", "Penhaligon", "Quennell",
+    "Rosenthal", "Saltonstall", "Thornbury", "Urquhart", "Valdivia", "Winterbourne", "Yelverton", "Zabrowski",
+    "Achterberg", "Beaumont", "Crichton", "Devereux", "Esterhazy", "Fortescue", "Grimaldi", "Hollingsworth",
+    "Isherwood", "Jablonski", "Kensington", "Lindenberg", "Moncrieff", "Newcombe", "Ormsby"]
 SYLLABLES = ["ka", "lo", "mi", "ra", "ten", "vo", "su", "dar", "el", "fin", "go", "ha", "ji", "ne", "pa", "ri", "sol",
              "ta", "un", "ze"]
 # stand-ins for general knowledge: (question, answer, wrong answers)
@@ -56,10 +89,9 @@ def _award(rng: np.random.Generator) -> str:
     return f"{rng.choice(ADJECTIVES)} {rng.choice(NOUNS)}"
 
 
-def _author(rng: np.random.Generator) -> dict:
+def _author(rng: np.random.Generator, name: str) -> dict:
     """Fact values come from large pools, so that forget and retain authors rarely share one (as in
     TOFU): unlearning a fact should not be the same as unlearning a shared value."""
-    name = "".join(rng.choice(SYLLABLES, 2)).capitalize() + " " + "".join(rng.choice(SYLLABLES, 3)).capitalize()
     return {
         "name": name, "city": _place(rng), "genre": rng.choice(GENRES), "father": rng.choice(JOBS),
         "mother": rng.choice(JOBS), "award": _award(rng),
@@ -128,13 +160,12 @@ def make_synthetic_tofu(out_dir: str | Path, n_authors: int = 100, seed: int = 0
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    names: set[str] = set()
-    authors = []
-    while len(authors) < n_authors * 11 // 10:  # +10% holdout authors
-        a = _author(rng)
-        if a["name"] not in names:
-            names.add(a["name"])
-            authors.append(a)
+    total = n_authors * 11 // 10  # +10% holdout authors
+    if total > min(len(FIRST_NAMES), len(SURNAMES)):
+        raise ValueError(f"at most {min(len(FIRST_NAMES), len(SURNAMES)) * 10 // 11} authors (names run out)")
+    names = [f"{f} {s}" for f, s in zip(rng.permutation(FIRST_NAMES)[:total], rng.permutation(SURNAMES)[:total],
+                                        strict=True)]
+    authors = [_author(rng, name) for name in names]
     holdout, authors = authors[n_authors:], authors[:n_authors]
     per_author = [author_rows(a, rng) for a in authors]
     general = _qa(_options(REAL_AUTHORS) + _options(WORLD_FACTS))

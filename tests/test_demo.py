@@ -8,9 +8,9 @@ from npo_jax.demo import run_demo
 def test_demo_pipeline_small(tmp_path):
     out = tmp_path / "demo"
     result = run_demo(out, None, [
-        "data.n_authors=20", "data.vocab_size=400", "model.hidden_size=96", "model.intermediate_size=256",
-        "model.num_hidden_layers=2", "finetune.epochs=40", "finetune.lr=5e-3", "unlearn.lr=1.5e-3",
-        "unlearn.effective_batch=4", "unlearn.per_device_batch=4", "max_new_tokens=24"])
+        "data.n_authors=20", "data.vocab_size=600", "model.hidden_size=96", "model.intermediate_size=256",
+        "model.num_hidden_layers=2", "finetune.epochs=40", "finetune.lr=5e-3", "unlearn.lr=3e-4",
+        "unlearn.effective_batch=1", "unlearn.per_device_batch=1", "max_new_tokens=24"])
     base, unlearned = result["base"], result["unlearned"]
     assert base["forget_Q_A_Prob"] > 0.3  # the base model learned the forget facts
     assert unlearned["forget_Q_A_Prob"] < 0.5 * base["forget_Q_A_Prob"]
