@@ -6,10 +6,17 @@ import pytest
 
 from npo_jax.run_config import load_run_config
 
-CONFIGS = sorted(p for p in (Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml") if p.name != "demo.yaml")
+ROOT = Path(__file__).resolve().parents[1] / "configs"
+RUN_CONFIGS = sorted([*ROOT.glob("unlearn/*.yaml"), *ROOT.glob("finetune/*.yaml")])
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_config_is_checked():
+    other = {p.relative_to(ROOT).as_posix() for p in ROOT.rglob("*.yaml")} - {
+        p.relative_to(ROOT).as_posix() for p in RUN_CONFIGS}
+    assert other == {"demo.yaml", "sweep/tofu_llama3.2_3b_npo_grid.yaml"}  # tested in test_demo / test_sweep
+
+
+@pytest.mark.parametrize("path", RUN_CONFIGS, ids=lambda p: p.name)
 def test_shipped_configs_load(path):
     cfg = load_run_config(path)
     assert cfg.optim.effective_batch == 32
