@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from npo_jax.data.tokenize import ChatFormat, _render
+from npo_jax.data.tokenize import ChatFormat, render_chat
 from npo_jax.errors import NpoJaxError
 
 
@@ -29,10 +29,10 @@ def messages(turns, question: str, fmt: ChatFormat, answer: str | None = None) -
 def chat_prompt(tokenizer, turns, question: str, fmt: ChatFormat | None = None,
                 answer_prefix: str = "") -> np.ndarray:
     fmt = fmt or ChatFormat()
-    prompt = _render(tokenizer, messages(turns, question, fmt), fmt, True)
+    prompt = render_chat(tokenizer, messages(turns, question, fmt), fmt, True)
     if not answer_prefix.strip():
         return np.asarray(prompt, np.int32)
-    ids = _render(tokenizer, messages(turns, question, fmt, answer_prefix), fmt, False)
+    ids = render_chat(tokenizer, messages(turns, question, fmt, answer_prefix), fmt, False)
     if ids[:len(prompt)] != prompt:
         raise NpoJaxError("chat template: the generation prompt is not a prefix of the chat with an answer")
     if ids[-1] == tokenizer.eos_token_id:  # the template closed the (unfinished) answer turn

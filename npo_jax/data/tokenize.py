@@ -57,7 +57,7 @@ def _chat(question: str, answer: str | None, fmt: ChatFormat) -> list[dict]:
     return chat
 
 
-def _render(tokenizer, chat, fmt: ChatFormat, generation_prompt: bool) -> list[int]:
+def render_chat(tokenizer, chat, fmt: ChatFormat, generation_prompt: bool) -> list[int]:
     extra = {"date_string": fmt.date_string} if fmt.date_string is not None else {}
     ids = tokenizer.apply_chat_template(chat, tokenize=True, add_generation_prompt=generation_prompt,
                                         return_dict=False, **extra)
@@ -68,14 +68,14 @@ def _render(tokenizer, chat, fmt: ChatFormat, generation_prompt: bool) -> list[i
 
 def encode_prompt(tokenizer, question: str, fmt: ChatFormat = ChatFormat()) -> np.ndarray:
     """The generation prompt: chat up to the assistant header."""
-    return np.asarray(_render(tokenizer, _chat(question, None, fmt), fmt, True), np.int32)
+    return np.asarray(render_chat(tokenizer, _chat(question, None, fmt), fmt, True), np.int32)
 
 
 def encode_qa(tokenizer, question: str, answer: str, fmt: ChatFormat = ChatFormat(),
               max_length: int | None = None) -> Example:
     """Full chat ids with labels over the answer and closing eos."""
-    ids = _render(tokenizer, _chat(question, answer, fmt), fmt, False)
-    prompt = _render(tokenizer, _chat(question, None, fmt), fmt, True)
+    ids = render_chat(tokenizer, _chat(question, answer, fmt), fmt, False)
+    prompt = render_chat(tokenizer, _chat(question, None, fmt), fmt, True)
     if ids[: len(prompt)] != prompt:
         raise NpoJaxError("chat template: the generation prompt is not a prefix of the full chat; "
                           "labels cannot be aligned")

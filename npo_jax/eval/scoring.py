@@ -84,17 +84,23 @@ class Scorer:
                 for t in self.generate_tokens(questions, progress)]
 
     def generate_tokens(self, questions: list[str], progress=None) -> list[np.ndarray]:
-        prompts = [encode_prompt(self.tokenizer, q, self.fmt) for q in questions]
+        return self.generate_ids([encode_prompt(self.tokenizer, q, self.fmt) for q in questions], progress)
+
+    def generate_ids(self, prompts: list[np.ndarray], progress=None, *, temperature: float = 0.0,
+                     top_p: float = 1.0, seed: int = 0) -> list[np.ndarray]:
+        """New tokens per prompt (cut at eos): sorted by length, left padded to a bucket, a fixed batch
+        size, so generation compiles once per bucket. Sampled batch b uses `SeedSequence([seed, b])`."""
         eos = self.tokenizer.eos_token_id
         cfg = merge_params(self.graphdef, self.params).config
         eos_ids = tuple(sorted({eos, *cfg.eos_token_ids}))
         answers: list[np.ndarray | None] = [None] * len(prompts)
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-        for start in range(0, len(order), self.batch_size):
+        for b, start in enumerate(range(0, len(order), self.batch_size)):
             idx = order[start:start + self.batch_size]
             chunk = [prompts[i] for i in idx]
             chunk += [chunk[-1]] * (self.batch_size - len(chunk))
-            width = bucket_length(max(len(p) for p in chunk), list(self.buckets))
+            longest, last = max(len(p) for p in chunk), self.buckets[-1]
+            width = bucket_length(longest, list(self.buckets)) if longest <= last else -(-longest // last) * last
             ids = np.full((len(chunk), width), self.pad_id, np.int32)
             mask = np.zeros_like(ids)
             for row, p in enumerate(chunk):
@@ -102,8 +108,10 @@ class Scorer:
                 mask[row, width - len(p):] = 1
             if self.eot_mask_quirk:  # open-unlearning's collator: mask = ids != pad (= eos)
                 mask = (ids != eos).astype(np.int32)
+            batch_seed = int(np.random.SeedSequence([seed, b]).generate_state(1)[0]) if temperature > 0 else 0
             gen = generate(self.graphdef, self.params, ids, mask, max_new_tokens=self.max_new_tokens,
-                           eos_ids=eos_ids, pad_id=self.pad_id)
+                           eos_ids=eos_ids, pad_id=self.pad_id, temperature=temperature, top_p=top_p,
+                           seed=batch_seed)
             for row, i in enumerate(idx):
                 answers[i] = gen.tokens[row, : gen.lengths[row]]
             if progress is not None:
