@@ -6,6 +6,11 @@ x 4 B = 8.4 GB); only each label's log-prob is needed. When a call's float32 log
 pass recomputes each chunk's logits instead of storing them (one more LM-head matmul). Below
 the budget the logits are computed in one piece: the recomputation would cost time for no gain.
 All functions use HF's causal shift: hidden state t predicts token t + 1.
+
+Given a batch's `label_positions` ((batch, W), -1 padded; see `npo_jax.data.batches`), only
+the hidden states that predict a label go through the LM head: for a chat-formatted example the
+prompt is most of the sequence, and the LM head (vocab x hidden, the largest matrix of a small
+Llama) and the log-softmax over the vocabulary dominate the loss's cost.
 """
 
 from __future__ import annotations
@@ -38,11 +43,26 @@ def _chunked(fn, arrays, chunk: int | None, logits_fn):
     return jnp.moveaxis(out, 0, 1).reshape(b, n * chunk, *out.shape[3:])[:, :t]
 
 
-def token_logprobs(logits_fn, hidden, labels, chunk: int | None = None):
-    """(log p(label_{t+1} | ..t), mask) for t < T-1; both (batch, T-1); mask is labels != -100."""
-    h, target = hidden[:, :-1], labels[:, 1:]
+def labelled(hidden, labels, positions=None):
+    """(hidden states, target ids (0 where masked), mask) for the positions that predict a label.
+
+    Without `positions`: every t < T-1, shapes (batch, T-1[, hidden]). With `positions`
+    (batch, W): those positions only, in their order, shapes (batch, W[, hidden]).
+    """
+    target = labels[:, 1:]
+    if positions is None:
+        h = hidden[:, :-1]
+    else:
+        idx = jnp.maximum(positions, 0)
+        h = jnp.take_along_axis(hidden, idx[..., None], axis=1)
+        target = jnp.where(positions >= 0, jnp.take_along_axis(target, idx, axis=1), IGNORE)
     mask = target != IGNORE
-    safe = jnp.where(mask, target, 0)
+    return h, jnp.where(mask, target, 0), mask
+
+
+def token_logprobs(logits_fn, hidden, labels, chunk: int | None = None, positions=None):
+    """(log p(label_{t+1} | ..t), mask) at the positions `labelled` picks; mask is labels != -100."""
+    h, safe, mask = labelled(hidden, labels, positions)
 
     def chunk_logp(h_c, y_c):
         logits = logits_fn(h_c)  # float32 (batch, chunk, vocab)
@@ -64,17 +84,15 @@ def kl_to_reference(logits_fn, hidden, ref_logits_fn, ref_hidden, chunk: int | N
     return _chunked(chunk_kl, (hidden, ref_hidden), chunk, logits_fn)
 
 
-def sequence_logprob(logits_fn, hidden, labels, chunk: int | None = None):
+def sequence_logprob(logits_fn, hidden, labels, chunk: int | None = None, positions=None):
     """Summed log-prob of each sequence's labelled tokens, and their count: (batch,), (batch,)."""
-    logp, mask = token_logprobs(logits_fn, hidden, labels, chunk)
+    logp, mask = token_logprobs(logits_fn, hidden, labels, chunk, positions)
     return logp.sum(-1), mask.sum(-1)
 
 
-def token_logprobs_and_argmax(logits_fn, hidden, labels, chunk: int | None = None):
-    """(log p(label), argmax prediction, mask) at shifted positions, each (batch, T-1)."""
-    h, target = hidden[:, :-1], labels[:, 1:]
-    mask = target != IGNORE
-    safe = jnp.where(mask, target, 0)
+def token_logprobs_and_argmax(logits_fn, hidden, labels, chunk: int | None = None, positions=None):
+    """(log p(label), argmax prediction, mask) at the positions `labelled` picks."""
+    h, safe, mask = labelled(hidden, labels, positions)
 
     def chunk_fn(h_c, y_c):
         logits = logits_fn(h_c)

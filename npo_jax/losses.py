@@ -52,6 +52,13 @@ def _token_mean_nll(logp_sum, n_tokens, units):
     return -_units(logp_sum, units).sum(1) / jnp.maximum(_units(n_tokens, units).sum(1), 1)
 
 
+def _positions(groups):
+    """The groups' label_positions stacked, or None (every position scored) if any lacks them."""
+    if all("label_positions" in g for g in groups):
+        return jnp.concatenate([g["label_positions"] for g in groups])
+    return None
+
+
 def train_hidden(model, input_ids, attention_mask):
     """Hidden states of a right-padded training batch with positions 0..L-1, as HF's forward uses
     without position_ids: padding (and eot tokens the quirk mask hides) keep arange positions."""
@@ -62,7 +69,8 @@ def train_hidden(model, input_ids, attention_mask):
 def objective_loss(model, ref_model, batch: dict, obj: Objective, units: int):
     """Per-unit losses (units,) and a dict of per-unit terms, for one micro-batch.
 
-    `batch` holds (n, L) `input_ids`, `labels`, `attention_mask` under "forget" and, for methods
+    `batch` holds (n, L) `input_ids`, `labels`, `attention_mask` (and optionally (n, W)
+    `label_positions`, the LM head then runs on those rows only) under "forget" and, for methods
     with a retain term, "retain"; cached NPO also has "forget_ref_logp" (n,). For "finetune" the
     training examples are under "forget".
     """
@@ -71,9 +79,13 @@ def objective_loss(model, ref_model, batch: dict, obj: Objective, units: int):
     n = forget["input_ids"].shape[0]
     cat = {k: jnp.concatenate([g[k] for g in groups]) for k in ("input_ids", "attention_mask")}
     hidden = train_hidden(model, cat["input_ids"], cat["attention_mask"])
-    h_forget, h_retain = hidden[:n], hidden[n:]
+    h_retain = hidden[n:]
 
-    logp, n_tok = sequence_logprob(model.logits, h_forget, forget["labels"])
+    # The groups that need label log-probs share one LM-head pass (one larger matmul).
+    scored = groups if obj.uses_retain and obj.retain_loss == "NLL" else [forget]
+    lp, nt = sequence_logprob(model.logits, hidden[:len(scored) * n],
+                              jnp.concatenate([g["labels"] for g in scored]), positions=_positions(scored))
+    logp, n_tok = lp[:n], nt[:n]
     aux = {}
     if obj.method in ("finetune", "GradAscent", "GradDiff"):
         nll = _token_mean_nll(logp, n_tok, units)
@@ -83,7 +95,7 @@ def objective_loss(model, ref_model, batch: dict, obj: Objective, units: int):
             ref_logp = batch["forget_ref_logp"]
         else:
             ref_h = train_hidden(ref_model, forget["input_ids"], forget["attention_mask"])
-            ref_logp, _ = sequence_logprob(ref_model.logits, ref_h, forget["labels"])
+            ref_logp, _ = sequence_logprob(ref_model.logits, ref_h, forget["labels"], positions=_positions([forget]))
             ref_logp = jax.lax.stop_gradient(ref_logp)
         log_ratio = logp - ref_logp
         forget_loss = -(2.0 / obj.beta) * _units(jax.nn.log_sigmoid(-obj.beta * log_ratio), units).mean(1)
@@ -100,8 +112,7 @@ def objective_loss(model, ref_model, batch: dict, obj: Objective, units: int):
 
     retain = batch["retain"]
     if obj.retain_loss == "NLL":
-        r_logp, r_tok = sequence_logprob(model.logits, h_retain, retain["labels"])
-        retain_loss = _token_mean_nll(r_logp, r_tok, units)
+        retain_loss = _token_mean_nll(lp[n:], nt[n:], units)
     else:
         ref_h = train_hidden(ref_model, retain["input_ids"], retain["attention_mask"])
         kl = kl_to_reference(model.logits, h_retain, ref_model.logits, jax.lax.stop_gradient(ref_h))

@@ -43,7 +43,7 @@ def cache_key(model_path: str | Path, examples: list[Example], *, compute_dtype:
 def _batch_logprob(graphdef, params, batch):
     model = merge_params(graphdef, params)
     hidden = train_hidden(model, batch["input_ids"], batch["attention_mask"])
-    return sequence_logprob(model.logits, hidden, batch["labels"])[0]
+    return sequence_logprob(model.logits, hidden, batch["labels"], positions=batch.get("label_positions"))[0]
 
 
 def sequence_logprobs(graphdef, params, examples: list[Example], *, buckets: list[int], pad_id: int,

@@ -44,7 +44,7 @@ from npo_jax import distributed
 from npo_jax.checkpoint import STATE_ITEM, TOKENIZER_FILES, copy_side_files, remove_unfinished_saves, verify_step
 from npo_jax.data.batches import StepPlan, retain_pairing, step_batch
 from npo_jax.data.tofu import load_split
-from npo_jax.data.tokenize import ChatFormat, encode_qa, load_tokenizer
+from npo_jax.data.tokenize import ChatFormat, encode_qa_pairs, load_tokenizer
 from npo_jax.errors import NpoJaxError, Preempted
 from npo_jax.fs import atomic_write_text, checksum_tree, warn, write_checksums
 from npo_jax.losses import Objective
@@ -126,7 +126,7 @@ def _drop_metrics_after(path: Path, step: int) -> None:
 
 
 def _tokenize_split(tokenizer, rows, fmt: ChatFormat, max_length: int):
-    examples = [encode_qa(tokenizer, r["question"], r["answer"], fmt, max_length) for r in rows]
+    examples = encode_qa_pairs(tokenizer, [(r["question"], r["answer"]) for r in rows], fmt, max_length)
     return examples, sum(e.truncated for e in examples)
 
 

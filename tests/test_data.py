@@ -12,9 +12,9 @@ import pytest
 from conftest import LLAMA3_DIR, SHARED, require_shared
 from tofu_fixture import qa_rows, write_split
 
-from npo_jax.data.batches import StepPlan, pad_examples, retain_pairing
+from npo_jax.data.batches import StepPlan, label_width, pad_examples, retain_pairing, step_batch
 from npo_jax.data.tofu import SPLIT_FIELDS, Tofu, load_split
-from npo_jax.data.tokenize import IGNORE, Example, encode_qa, load_tokenizer
+from npo_jax.data.tokenize import IGNORE, Example, encode_qa, encode_qa_pairs, load_tokenizer
 from npo_jax.errors import NpoJaxError
 
 TOFU = SHARED / "tofu"
@@ -77,19 +77,24 @@ def test_tokenization_matches_apply_chat_template_on_real_rows(tmp_path):
     rows = [json.loads(line) for line in (TOFU / "forget10.jsonl").read_text().splitlines()[:20]]
     rows += [json.loads(line) for line in (TOFU / "retain90.jsonl").read_text().splitlines()[:20]]
     system = {"role": "system", "content": "You are a helpful assistant."}
-    for row in rows:
-        ex = encode_qa(tok, row["question"], row["answer"])
-        user = {"role": "user", "content": row["question"]}
-        full = tok.apply_chat_template([system, user, {"role": "assistant", "content": row["answer"]}],
+    # each question twice (its answer and the next row's), as the evaluator scores several answers per question
+    pairs = [(r["question"], r["answer"]) for r in rows] + [(r["question"], rows[(i + 1) % len(rows)]["answer"])
+                                                           for i, r in enumerate(rows)]
+    batched = encode_qa_pairs(tok, pairs)
+    for (question, answer), ex_batched in zip(pairs, batched, strict=True):
+        ex = encode_qa(tok, question, answer)
+        user = {"role": "user", "content": question}
+        full = tok.apply_chat_template([system, user, {"role": "assistant", "content": answer}],
                                        tokenize=False, date_string="10 Apr 2025")
         prompt = tok.apply_chat_template([system, user], tokenize=False, add_generation_prompt=True,
                                          date_string="10 Apr 2025")
         full_ids = tok(full, add_special_tokens=False)["input_ids"]
         prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
-        assert ex.input_ids.tolist() == full_ids
+        assert ex.input_ids.tolist() == full_ids == ex_batched.input_ids.tolist()
         assert full.endswith("<|eot_id|>") and full_ids[-1] == tok.convert_tokens_to_ids("<|eot_id|>")
         assert (ex.labels[: len(prompt_ids)] == IGNORE).all()
         assert ex.labels[len(prompt_ids):].tolist() == full_ids[len(prompt_ids):]
+        np.testing.assert_array_equal(ex_batched.labels, ex.labels)
         assert "Today Date: 10 Apr 2025" in full
     # truncation is applied and reported
     ex = encode_qa(tok, rows[0]["question"], rows[0]["answer"], max_length=40)
@@ -106,6 +111,32 @@ def test_padding_masks_and_eot_quirk():
     # open-unlearning: attention_mask = input_ids != pad (= <|eot_id|>): every eot is hidden
     assert quirk["attention_mask"].tolist() == [[1, 1, 0, 1, 1, 0, 0, 0]]
     assert quirk["input_ids"][0, 6:].tolist() == [eot, eot]
+
+
+def test_label_positions_pick_the_answer_rows():
+    """Positions t whose next token is labelled, ascending, -1 padded to a width bucket; a step's
+    width is computed over all its examples, so every host's share has the same shape."""
+    a = Example(np.arange(1, 8, dtype=np.int32), np.array([IGNORE] * 4 + [5, 6, 7], np.int32))
+    b = Example(np.arange(1, 5, dtype=np.int32), np.array([IGNORE, 2, IGNORE, 4], np.int32))
+    batch = pad_examples([a, b], 40, pad_id=0)
+    assert batch["label_positions"].shape == (2, 16)  # 3 labels -> the smallest width, 16
+    assert batch["label_positions"][0, :4].tolist() == [3, 4, 5, -1]
+    assert batch["label_positions"][1, :3].tolist() == [0, 2, -1]
+    for row, pos in enumerate(batch["label_positions"]):  # exactly the labelled next tokens
+        want = np.flatnonzero(batch["labels"][row, 1:] != IGNORE)
+        np.testing.assert_array_equal(pos[pos >= 0], want)
+    assert pad_examples([a], 6, pad_id=0)["label_positions"].tolist() == [[3, 4, -1, -1, -1]]  # width <= L-1
+    assert label_width([Example(np.zeros(300, np.int32), np.zeros(300, np.int32))], 512) == 384
+    plan = StepPlan(4, 4, 1, seed=0)
+    long = Example(np.arange(1, 41, dtype=np.int32), np.r_[[IGNORE] * 5, np.arange(35)].astype(np.int32))
+    examples = [a, b, a, long]
+    whole = step_batch(plan, 0, examples, buckets=[64], pad_id=0, eot_id=None, eot_mask_quirk=False)
+    shares = [step_batch(plan, 0, examples, buckets=[64], pad_id=0, eot_id=None, eot_mask_quirk=False,
+                         rows=np.array(r)) for r in ([0, 1], [2, 3])]
+    assert whole["forget"]["label_positions"].shape == (4, 48)
+    assert all(s["forget"]["label_positions"].shape == (2, 48) for s in shares)
+    np.testing.assert_array_equal(np.concatenate([s["forget"]["label_positions"] for s in shares]),
+                                  whole["forget"]["label_positions"])
 
 
 def test_pairing_and_epoch_plan():

@@ -69,7 +69,7 @@ def _compare_grads(cfg, grads, hf):
                                        err_msg=name)
 
 
-@pytest.mark.parametrize("logits", ["whole", "chunked"])
+@pytest.mark.parametrize("logits", ["whole", "chunked", "every_position"])
 @pytest.mark.parametrize("method,retain_loss,reference", [
     ("NPO", "NLL", "cached"), ("NPO", "NLL", "live"), ("NPO", "KL", "cached"),
     ("SimNPO", "NLL", "cached"), ("GradDiff", "NLL", "cached"), ("GradAscent", "NLL", "cached"),
@@ -82,8 +82,12 @@ def test_loss_and_grads_match_open_unlearning(models, method, retain_loss, refer
     chunk_maps = []  # the chunked path runs its chunks under lax.map
     real_map = jax.lax.map
     monkeypatch.setattr(jax.lax, "map", lambda f, xs, **kw: chunk_maps.append(1) or real_map(f, xs, **kw))
-    forget = pad_examples(_examples(0, 4), 16, pad_id=0)
-    retain = pad_examples(_examples(1, 4), 16, pad_id=0)
+    # length 24: label_positions are 16 wide, -1 padded; "every_position" scores all positions instead
+    forget = pad_examples(_examples(0, 4), 24, pad_id=0)
+    retain = pad_examples(_examples(1, 4), 24, pad_id=0)
+    assert forget["label_positions"].shape == (4, 16) and (forget["label_positions"] == -1).any()
+    if logits == "every_position":
+        forget, retain = ({k: v for k, v in g.items() if k != "label_positions"} for g in (forget, retain))
     beta = 4.5 if method == "SimNPO" else 0.1
     obj = Objective(method=method, beta=beta, alpha=2.0, gamma=0.7 if method != "NPO" else 1.0, delta=0.3,
                     retain_loss=retain_loss, reference=reference)

@@ -89,7 +89,7 @@ def test_no_recompiles_after_first_step_of_each_bucket(mini, tmp_path):
     for step in range(trainer.total_steps):
         b = step_batch(trainer.plan, step, trainer.forget, buckets=[cut, 128], pad_id=trainer.pad_id,
                        eot_id=trainer.eot_id, eot_mask_quirk=False, retain=trainer.retain, pairing=trainer.pairing)
-        seen.add(b["forget"]["input_ids"].shape[1])
+        seen.add((b["forget"]["input_ids"].shape[1], b["forget"]["label_positions"].shape[1]))
     assert trainer.total_steps > len(seen)
     assert trainer.step_fn._cache_size() == len(seen)
 

@@ -19,7 +19,7 @@ import numpy as np
 import optax
 
 from npo_jax.data.batches import bucket_length, pad_examples
-from npo_jax.data.tokenize import Example, encode_qa
+from npo_jax.data.tokenize import Example, encode_qa_pairs
 from npo_jax.eval.scoring import Scorer
 from npo_jax.losses import Objective, objective_loss
 from npo_jax.model import merge_params
@@ -70,5 +70,5 @@ def finetune_examples(scorer: Scorer, examples: list[Example], *, steps: int, lr
 
 def finetune(scorer: Scorer, pairs: list[tuple[str, str]], **kwargs) -> tuple[Scorer, list[float]]:
     """`finetune_examples` on (question, answer) pairs in the evaluator's chat format."""
-    examples = [encode_qa(scorer.tokenizer, q, a, scorer.fmt, scorer.buckets[-1]) for q, a in pairs]
+    examples = encode_qa_pairs(scorer.tokenizer, pairs, scorer.fmt, scorer.buckets[-1])
     return finetune_examples(scorer, examples, **kwargs)

@@ -6,6 +6,11 @@ cut into steps of `effective_batch` examples; a remainder smaller than a step is
 retain item drawn uniformly with a generator seeded by (seed, i), the same in every epoch (as
 open-unlearning's ForgetRetainDataset). A step's examples are padded on the right to the
 smallest length bucket that holds them all, so the step compiles once per bucket.
+
+Every padded group also carries `label_positions`: the positions whose next token is labelled
+(the answer), so the LM head and log-softmax run on those rows only instead of on every
+position (the prompt is most of a chat-formatted TOFU example). Their count is padded to a
+width from `LABEL_WIDTHS`, again so that shapes, and compiles, stay few.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ import numpy as np
 from npo_jax.data.tokenize import IGNORE, Example
 from npo_jax.errors import NpoJaxError
 
+LABEL_WIDTHS = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
+
 
 def bucket_length(n: int, buckets: list[int]) -> int:
     for b in buckets:
@@ -25,9 +32,28 @@ def bucket_length(n: int, buckets: list[int]) -> int:
     return buckets[-1]
 
 
+def label_width(examples: list[Example], length: int) -> int:
+    """Padded count of labelled next-token positions for these examples at this padded length."""
+    most = max((int(np.count_nonzero(np.asarray(e.labels[1:length]) != IGNORE)) for e in examples), default=0)
+    fits = [w for w in LABEL_WIDTHS if w >= most]
+    return min(fits[0] if fits else length - 1, length - 1)
+
+
+def label_positions(labels: np.ndarray, width: int) -> np.ndarray:
+    """(n, width) int32: ascending positions t with labels[t + 1] != -100, then -1 padding."""
+    out = np.full((labels.shape[0], width), -1, np.int32)
+    for row, lab in enumerate(labels):
+        pos = np.flatnonzero(lab[1:] != IGNORE)
+        if len(pos) > width:
+            raise ValueError(f"label_positions: row {row} has {len(pos)} labelled positions, more than width {width}")
+        out[row, :len(pos)] = pos
+    return out
+
+
 def pad_examples(examples: list[Example], length: int, pad_id: int, eot_id: int | None = None,
-                 eot_mask_quirk: bool = False) -> dict[str, np.ndarray]:
-    """Right-padded (n, length) input_ids / labels / attention_mask.
+                 eot_mask_quirk: bool = False, width: int | None = None) -> dict[str, np.ndarray]:
+    """Right-padded (n, length) input_ids / labels / attention_mask, and (n, width)
+    label_positions (width defaults to `label_width(examples, length)`).
 
     With `eot_mask_quirk` the mask is open-unlearning's `input_ids != pad` with pad = eos =
     `eot_id`, which also hides every <|eot_id|> inside the sequence (its issue #128).
@@ -46,7 +72,9 @@ def pad_examples(examples: list[Example], length: int, pad_id: int, eot_id: int 
             raise ValueError("eot_mask_quirk needs the eos (<|eot_id|>) id")
         ids = np.where(mask > 0, ids, eot_id).astype(np.int32)
         mask = (ids != eot_id).astype(np.int32)
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    width = label_width(examples, length) if width is None else width
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask,
+            "label_positions": label_positions(labels, width)}
 
 
 def retain_pairing(n_forget: int, n_retain: int, seed: int) -> np.ndarray:
@@ -99,10 +127,11 @@ def step_batch(plan: StepPlan, step: int, forget: list[Example], *, buckets: lis
     chosen = [forget[i] for i in idx]
     partners = [retain[j] for j in pairing[idx]] if retain is not None else []
     length = bucket_length(max(len(e.input_ids) for e in chosen + partners), buckets)
+    width = label_width(chosen + partners, length)  # the whole step's, like the length
     if rows is not None:
         idx, chosen = idx[rows], [chosen[r] for r in rows]
         partners = [partners[r] for r in rows] if partners else []
-    kw = dict(pad_id=pad_id, eot_id=eot_id, eot_mask_quirk=eot_mask_quirk)
+    kw = dict(pad_id=pad_id, eot_id=eot_id, eot_mask_quirk=eot_mask_quirk, width=width)
     batch = {"forget": pad_examples(chosen, length, **kw), "forget_index": idx.astype(np.int32)}
     if retain is not None:
         batch["retain"] = pad_examples(partners, length, **kw)

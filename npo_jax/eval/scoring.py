@@ -4,7 +4,7 @@
 closing eos included, as open-unlearning's `evaluate_probability`), and the per-token log-probs
 and greedy predictions of the answer tokens without the eos (what `tokenwise_logprobs` and
 the extraction-strength / exact-memorization metrics use). Batches are right padded to a
-length bucket and jit-compiled once per bucket, and log-probs are computed in position chunks.
+length bucket and jit-compiled once per bucket; the LM head runs on the answer positions only.
 `generate_answers` produces greedy answers with the KV cache (left padded prompts).
 """
 
@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 from npo_jax.data.batches import bucket_length, pad_examples
-from npo_jax.data.tokenize import ChatFormat, encode_prompt, encode_qa
+from npo_jax.data.tokenize import ChatFormat, encode_prompts, encode_qa_pairs
 from npo_jax.generate import generate
 from npo_jax.logprobs import token_logprobs_and_argmax
 from npo_jax.losses import train_hidden
@@ -36,7 +36,7 @@ class Scored:
 def _score_batch(graphdef, params, batch):
     model = merge_params(graphdef, params)
     hidden = train_hidden(model, batch["input_ids"], batch["attention_mask"])
-    return token_logprobs_and_argmax(model.logits, hidden, batch["labels"])
+    return token_logprobs_and_argmax(model.logits, hidden, batch["labels"], positions=batch["label_positions"])
 
 
 @dataclass
@@ -57,23 +57,25 @@ class Scorer:
         return t.pad_token_id if t.pad_token_id is not None else t.eos_token_id
 
     def score_answers(self, pairs: list[tuple[str, str]], progress=None) -> list[Scored]:
-        examples = [encode_qa(self.tokenizer, q, a, self.fmt, self.buckets[-1]) for q, a in pairs]
+        examples = encode_qa_pairs(self.tokenizer, pairs, self.fmt, self.buckets[-1])
         out: list[Scored | None] = [None] * len(examples)
         order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+        pending = []  # every batch is dispatched before the first result is read: host and device overlap
         for start in range(0, len(order), self.batch_size):
             idx = order[start:start + self.batch_size]
             chunk = [examples[i] for i in idx]
             length = bucket_length(max(len(e.input_ids) for e in chunk), list(self.buckets))
             chunk += [chunk[-1]] * (self.batch_size - len(chunk))  # one shape per bucket
             batch = pad_examples(chunk, length, self.pad_id, self.tokenizer.eos_token_id, self.eot_mask_quirk)
-            logp, preds, mask = jax.device_get(_score_batch(self.graphdef, self.params, batch))
+            pending.append((idx, batch, _score_batch(self.graphdef, self.params, batch)))
+        for idx, batch, result in pending:
+            logp, preds, mask = jax.device_get(result)
             for row, i in enumerate(idx):
-                m = mask[row]
-                positions = np.flatnonzero(m)
-                targets = batch["labels"][row, 1:][positions]
-                answer = positions[:-1]  # drop the closing eos, as tokenwise_logprobs does
-                out[i] = Scored(float(-logp[row][m].sum() / max(m.sum(), 1)), logp[row][answer], preds[row][answer],
-                                targets[:-1])
+                m = mask[row]  # over the row's label positions, in order
+                lp, pred = logp[row][m], preds[row][m]
+                targets = batch["labels"][row][batch["label_positions"][row][m] + 1]
+                # the closing eos is dropped from the per-token arrays, as tokenwise_logprobs does
+                out[i] = Scored(float(-lp.sum() / max(m.sum(), 1)), lp[:-1], pred[:-1], targets[:-1])
             if progress is not None:
                 progress.update(len(idx))
         return out
@@ -84,7 +86,7 @@ class Scorer:
                 for t in self.generate_tokens(questions, progress)]
 
     def generate_tokens(self, questions: list[str], progress=None) -> list[np.ndarray]:
-        return self.generate_ids([encode_prompt(self.tokenizer, q, self.fmt) for q in questions], progress)
+        return self.generate_ids(encode_prompts(self.tokenizer, questions, self.fmt), progress)
 
     def generate_ids(self, prompts: list[np.ndarray], progress=None, *, temperature: float = 0.0,
                      top_p: float = 1.0, seed: int = 0) -> list[np.ndarray]:
