@@ -65,48 +65,62 @@ class Suite:
     def _bar(self, desc, total):
         return tqdm(total=total, desc=desc, unit="item", disable=not self.progress, leave=False)
 
-    def _score(self, desc, pairs):
+    def _score(self, requests: dict[str, list]) -> dict[str, list]:
+        """All scoring requests in one call (fewer part-filled batches, better length grouping)."""
+        flat = [pair for pairs in requests.values() for pair in pairs]
         t0 = time.perf_counter()
-        with self._bar(desc, len(pairs)) as bar:
-            out = self.scorer.score_answers(pairs, bar)
+        with self._bar("scoring", len(flat)) as bar:
+            scored = self.scorer.score_answers(flat, bar)
         self.timings["scoring_s"] += time.perf_counter() - t0
+        out, k = {}, 0
+        for name, pairs in requests.items():
+            out[name], k = scored[k:k + len(pairs)], k + len(pairs)
         return out
 
-    def _generate(self, desc, rows):
+    def _generate(self, splits: dict[str, list]) -> dict[str, list]:
+        questions = [r["question"] for rows in splits.values() for r in rows]
         t0 = time.perf_counter()
-        with self._bar(desc, len(rows)) as bar:
-            out = self.scorer.generate_answers([r["question"] for r in rows], bar)
+        with self._bar("generation", len(questions)) as bar:
+            answers = self.scorer.generate_answers(questions, bar)
         self.timings["generation_s"] += time.perf_counter() - t0
+        out, k = {}, 0
+        for name, rows in splits.items():
+            out[name], k = answers[k:k + len(rows)], k + len(rows)
         return out
-
-    def _perturbed(self, desc, rows):
-        flat = [(r["question"], p) for r in rows for p in r["perturbed_answer"]]
-        scored = self._score(desc, flat)
-        groups, k = [], 0
-        for r in rows:
-            groups.append(scored[k:k + len(r["perturbed_answer"])])
-            k += len(r["perturbed_answer"])
-        return groups
 
     def per_item(self) -> dict:
+        prefixes = ("forget", "retain", "ra", "wf")
+        requests = {}
+        for prefix in prefixes:
+            rows = self.rows[prefix]
+            requests[f"{prefix}_Q_A_Prob"] = [(r["question"], r["answer"]) for r in rows]
+            if prefix in ("forget", "retain"):
+                requests[f"{prefix}_Q_A_PARA_Prob"] = [(r["question"], r["paraphrased_answer"]) for r in rows]
+            requests[f"{prefix}_Q_A_PERT_Prob"] = [(r["question"], p) for r in rows for p in r["perturbed_answer"]]
+        if "holdout" in self.rows:
+            requests["holdout"] = [(r["question"], r["answer"]) for r in self.rows["holdout"]]
+        scored = self._score(requests)
+        generated = self._generate({prefix: self.rows[prefix] for prefix in prefixes})
+
         out: dict = {}
-        for prefix, key in (("forget", "forget"), ("retain", "retain"), ("ra", "ra"), ("wf", "wf")):
-            rows = self.rows[key]
-            answers = self._score(f"{prefix} Q_A_Prob", [(r["question"], r["answer"]) for r in rows])
+        for prefix in prefixes:
+            rows = self.rows[prefix]
+            answers = scored[f"{prefix}_Q_A_Prob"]
             out[f"{prefix}_Q_A_Prob"] = _prob_items(answers)
             if prefix in ("forget", "retain"):
-                para = self._score(f"{prefix} PARA", [(r["question"], r["paraphrased_answer"]) for r in rows])
-                out[f"{prefix}_Q_A_PARA_Prob"] = _prob_items(para)
-            out[f"{prefix}_Q_A_PERT_Prob"] = _multi_prob_items(self._perturbed(f"{prefix} PERT", rows))
-            out[f"{prefix}_Q_A_ROUGE"] = _rouge_items(rows, self._generate(f"{prefix} ROUGE", rows))
+                out[f"{prefix}_Q_A_PARA_Prob"] = _prob_items(scored[f"{prefix}_Q_A_PARA_Prob"])
+            pert, groups = iter(scored[f"{prefix}_Q_A_PERT_Prob"]), []
+            for r in rows:
+                groups.append([next(pert) for _ in r["perturbed_answer"]])
+            out[f"{prefix}_Q_A_PERT_Prob"] = _multi_prob_items(groups)
+            out[f"{prefix}_Q_A_ROUGE"] = _rouge_items(rows, generated[prefix])
             if prefix == "forget":
                 out["extraction_strength"] = {str(i): {"score": m.extraction_strength(s.preds, s.labels)}
                                               for i, s in enumerate(answers)}
                 out["exact_memorization"] = {str(i): {"score": m.exact_memorization(s.preds, s.labels)}
                                              for i, s in enumerate(answers)}
-                forget_scored = answers
         if "holdout" in self.rows:
-            holdout = self._score("holdout", [(r["question"], r["answer"]) for r in self.rows["holdout"]])
+            forget_scored, holdout = scored["forget_Q_A_Prob"], scored["holdout"]
             for name, fn in (("mia_min_k", lambda s: m.min_k_score(s.token_logprobs, 0.4)),
                              ("mia_loss", lambda s: s.avg_loss)):
                 out[name] = {"forget": {str(i): {"score": fn(s)} for i, s in enumerate(forget_scored)},
