@@ -2,7 +2,8 @@
 
 Full float32 logits for a batch of 128k-vocab sequences would dominate memory (32 x 512 x 128256
 x 4 B = 8.4 GB); only each label's log-prob is needed. When a call's float32 logits would exceed
-`LOGITS_BUDGET_BYTES`, positions are processed in chunks under `jax.checkpoint`, so the backward
+`LOGITS_BUDGET_BYTES`, positions are processed in chunks (at most `CHUNK_POSITIONS`, and few
+enough that a chunk's logits fit the budget) under `jax.checkpoint`, so the backward
 pass recomputes each chunk's logits instead of storing them (one more LM-head matmul). Below
 the budget the logits are computed in one piece: the recomputation would cost time for no gain.
 All functions use HF's causal shift: hidden state t predicts token t + 1.
@@ -30,7 +31,10 @@ def _chunked(fn, arrays, chunk: int | None, logits_fn):
     vocab = jax.eval_shape(logits_fn, arrays[0][:, :1]).shape[-1]
     if b * t * vocab * 4 <= LOGITS_BUDGET_BYTES:
         return fn(*arrays)
-    chunk = min(chunk or CHUNK_POSITIONS, t)
+    if chunk is None:  # as many positions as keep one chunk's logits within the budget too
+        fit = LOGITS_BUDGET_BYTES // (b * vocab * 4)
+        chunk = max(1, min(CHUNK_POSITIONS, fit - fit % 8 if fit >= 8 else fit))
+    chunk = min(chunk, t)
     n = -(-t // chunk)
     pad = n * chunk - t
 

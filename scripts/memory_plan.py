@@ -60,9 +60,13 @@ CHIPS = {"TPU v5e 16 GiB": 16, "TPU v4 32 GiB": 32, "H100 80 GiB": 80, "H200 141
 
 
 def abstract_batch(accum: int, rows: int, seq: int, cached: bool) -> dict:
+    """The trainer's batch layout; label_positions at their widest (seq - 1: every position
+    labelled, the LM head on all of them), so the plan holds for any answer length."""
+
     def group():
         ids = jax.ShapeDtypeStruct((accum, rows, seq), jnp.int32)
-        return {"input_ids": ids, "labels": ids, "attention_mask": ids}
+        positions = jax.ShapeDtypeStruct((accum, rows, seq - 1), jnp.int32)
+        return {"input_ids": ids, "labels": ids, "attention_mask": ids, "label_positions": positions}
 
     batch = {"forget": group(), "retain": group()}
     if cached:

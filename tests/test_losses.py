@@ -76,12 +76,14 @@ def _compare_grads(cfg, grads, hf):
 ])
 def test_loss_and_grads_match_open_unlearning(models, method, retain_loss, reference, logits, monkeypatch):
     folder, ref_folder = models
-    if logits == "chunked":  # the large-vocab path: 4-position chunks under jax.checkpoint (padded at the end)
-        monkeypatch.setattr(logprobs, "LOGITS_BUDGET_BYTES", 0)
+    if logits == "chunked":  # the large-vocab path: chunks under jax.checkpoint (the last one padded)
+        # a budget of 4 positions x 8 rows of 256-way logits: 4-position chunks for the 8-row
+        # forget+retain pass, capped at CHUNK_POSITIONS = 4 for the 4-row ones
+        monkeypatch.setattr(logprobs, "LOGITS_BUDGET_BYTES", 8 * 4 * 256 * 4)
         monkeypatch.setattr(logprobs, "CHUNK_POSITIONS", 4)
-    chunk_maps = []  # the chunked path runs its chunks under lax.map
+    chunk_maps = []  # the chunked path runs its chunks under lax.map; record each call's chunk length
     real_map = jax.lax.map
-    monkeypatch.setattr(jax.lax, "map", lambda f, xs, **kw: chunk_maps.append(1) or real_map(f, xs, **kw))
+    monkeypatch.setattr(jax.lax, "map", lambda f, xs, **kw: chunk_maps.append(xs[0].shape[2]) or real_map(f, xs, **kw))
     # length 24: label_positions are 16 wide, -1 padded; "every_position" scores all positions instead
     forget = pad_examples(_examples(0, 4), 24, pad_id=0)
     retain = pad_examples(_examples(1, 4), 24, pad_id=0)
@@ -116,7 +118,7 @@ def test_loss_and_grads_match_open_unlearning(models, method, retain_loss, refer
     if retain_loss_t is not None:
         np.testing.assert_allclose(aux["retain_loss"], retain_loss_t.item(), rtol=RTOL)
     _compare_grads(cfg, grads, hf)
-    assert bool(chunk_maps) == (logits == "chunked")
+    assert bool(chunk_maps) == (logits == "chunked") and set(chunk_maps) <= {4}
 
 
 def test_cached_reference_equals_live(models):
