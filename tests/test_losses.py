@@ -16,6 +16,7 @@ from npo_jax.data.batches import pad_examples
 from npo_jax.data.tokenize import IGNORE, Example
 from npo_jax.losses import Objective
 from npo_jax.model import abstract_model, split_params
+from npo_jax.reference import sequence_logprobs
 from npo_jax.train_step import accumulated_grads
 
 RTOL, ATOL = 1e-4, 1e-6
@@ -158,3 +159,20 @@ def test_tiny_ref_model_is_really_different(models):
     a, b = load_hf(folder), load_hf(ref_folder)
     assert not torch.equal(a.model.embed_tokens.weight, b.model.embed_tokens.weight)
     assert copy.deepcopy(a) is not a
+
+
+def test_cached_reference_logprobs_match_open_unlearning(models):
+    """The reference cache's values (length-bucketed batches, the last one filled up, LM head on
+    label positions) equal open-unlearning's compute_batch_nll on each example alone."""
+    _, ref_folder = models
+    examples = _examples(5, 7)
+    cfg, params = load_hf_params(ref_folder)
+    graphdef, _ = split_params(abstract_model(cfg))
+    ours = sequence_logprobs(graphdef, params, examples, buckets=[8, 12, 24], pad_id=0, eot_id=None,
+                             eot_mask_quirk=False, batch_size=3)
+    ref = load_hf(ref_folder)
+    with torch.no_grad():
+        want = [-batch_nll(ref, {k: torch.tensor(np.asarray(v)[None], dtype=torch.long) for k, v in
+                                 (("input_ids", e.input_ids), ("labels", e.labels),
+                                  ("attention_mask", np.ones_like(e.input_ids)))}).item() for e in examples]
+    np.testing.assert_allclose(ours, want, rtol=1e-5, atol=1e-4)
