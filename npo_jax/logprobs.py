@@ -58,8 +58,10 @@ def labelled(hidden, labels, positions=None):
         h = hidden[:, :-1]
     else:
         idx = jnp.maximum(positions, 0)
-        h = jnp.take_along_axis(hidden, idx[..., None], axis=1)
-        target = jnp.where(positions >= 0, jnp.take_along_axis(target, idx, axis=1), IGNORE)
+        # a per-row gather (batch dims explicit), so a batch-sharded step stays row-local
+        take = jax.vmap(lambda x, i: jnp.take(x, i, axis=0, mode="clip"))
+        h = take(hidden, idx)
+        target = jnp.where(positions >= 0, take(target, idx), IGNORE)
     mask = target != IGNORE
     return h, jnp.where(mask, target, 0), mask
 

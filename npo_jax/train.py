@@ -395,8 +395,9 @@ class Trainer:
             tokens += sum(len(self.retain[j].input_ids) for j in self.pairing[idx])
         return tokens
 
-    def _device_batch(self, step: int):
-        """The step's batch on the devices; each host builds and places only its own rows."""
+    def _host_batch(self, step: int):
+        """This host's rows of the step's batch as numpy arrays (no JAX calls), and the step's tokens;
+        each host builds and places (`_place`) only its own rows."""
         cfg, accum = self.cfg, self.layout.accum
         n = cfg.optim.effective_batch // accum  # rows per micro-batch
         local = self._local_rows(n)
@@ -406,12 +407,16 @@ class Trainer:
                           pairing=self.pairing, ref_logp=self.ref_logp, rows=rows)
         host.pop("forget_index")
         host = jax.tree.map(lambda x: x.reshape(accum, len(local), *x.shape[1:]), host)
+        return host, self._step_tokens(step)
+
+    def _place(self, host, tokens):
         if self.layout.strategy == "pmap":
-            return to_pmap_batch(host, jax.local_device_count()), self._step_tokens(step)
+            return to_pmap_batch(host, jax.local_device_count()), tokens
+        accum, n = self.layout.accum, self.cfg.optim.effective_batch // self.layout.accum
         shardings = batch_shardings(host, self.layout.mesh)
         batch = jax.tree.map(lambda x, s: jax.make_array_from_process_local_data(s, x, (accum, n, *x.shape[2:])),
                              host, shardings)
-        return batch, self._step_tokens(step)
+        return batch, tokens
 
     def _check_finite(self, step: int, metrics: dict) -> int | None:
         """Stop on a non-finite loss or gradient, unless optim.skip_nonfinite let optax skip it.
@@ -471,10 +476,14 @@ class Trainer:
                 closing.callback(writer.close)
                 closing.callback(metrics_file.close)
             try:
+                upcoming = self._host_batch(self.start_step) if self.start_step < self.total_steps else None
                 for step in range(self.start_step, self.total_steps):
-                    batch, tokens = self._device_batch(step)
+                    batch, tokens = self._place(*upcoming)
                     t0 = time.perf_counter()
-                    self.state, metrics = self.step_fn(self.state, self.ref_params, batch)
+                    self.state, metrics = self.step_fn(self.state, self.ref_params, batch)  # dispatched, not awaited
+                    # the next batch's host arrays are built while this step runs (numpy only: a JAX
+                    # transfer racing the step's collectives can deadlock XLA:CPU's simulated devices)
+                    upcoming = self._host_batch(step + 1) if step + 1 < self.total_steps else None
                     metrics = {k: float(np.asarray(v).reshape(-1)[0]) for k, v in jax.device_get(metrics).items()}
                     dt = time.perf_counter() - t0
                     skipped = self._check_finite(step + 1, metrics)

@@ -114,27 +114,30 @@ def test_padding_masks_and_eot_quirk():
 
 
 def test_label_positions_pick_the_answer_rows():
-    """Positions t whose next token is labelled, ascending, -1 padded to a width bucket; a step's
-    width is computed over all its examples, so every host's share has the same shape."""
+    """Positions t whose next token is labelled, ascending, -1 padded to half the padded length
+    (or all of it); a step's width is computed over all its examples, so every host's share has
+    the same shape."""
     a = Example(np.arange(1, 8, dtype=np.int32), np.array([IGNORE] * 4 + [5, 6, 7], np.int32))
     b = Example(np.arange(1, 5, dtype=np.int32), np.array([IGNORE, 2, IGNORE, 4], np.int32))
     batch = pad_examples([a, b], 40, pad_id=0)
-    assert batch["label_positions"].shape == (2, 16)  # 3 labels -> the smallest width, 16
+    assert batch["label_positions"].shape == (2, 20)  # 3 labels fit half of 40
     assert batch["label_positions"][0, :4].tolist() == [3, 4, 5, -1]
     assert batch["label_positions"][1, :3].tolist() == [0, 2, -1]
     for row, pos in enumerate(batch["label_positions"]):  # exactly the labelled next tokens
         want = np.flatnonzero(batch["labels"][row, 1:] != IGNORE)
         np.testing.assert_array_equal(pos[pos >= 0], want)
-    assert pad_examples([a], 6, pad_id=0)["label_positions"].tolist() == [[3, 4, -1, -1, -1]]  # width <= L-1
-    assert label_width([Example(np.zeros(300, np.int32), np.zeros(300, np.int32))], 512) == 384
+    assert pad_examples([a], 6, pad_id=0)["label_positions"].tolist() == [[3, 4, -1]]  # truncated to 6: 2 labels
+    c = Example(np.arange(1, 6, dtype=np.int32), np.arange(1, 6, dtype=np.int32))
+    assert pad_examples([c], 5, pad_id=0)["label_positions"].tolist() == [[0, 1, 2, 3]]  # 4 > half of 5: L - 1
+    assert label_width([Example(np.zeros(300, np.int32), np.zeros(300, np.int32))], 512) == 511
     plan = StepPlan(4, 4, 1, seed=0)
     long = Example(np.arange(1, 41, dtype=np.int32), np.r_[[IGNORE] * 5, np.arange(35)].astype(np.int32))
     examples = [a, b, a, long]
     whole = step_batch(plan, 0, examples, buckets=[64], pad_id=0, eot_id=None, eot_mask_quirk=False)
     shares = [step_batch(plan, 0, examples, buckets=[64], pad_id=0, eot_id=None, eot_mask_quirk=False,
                          rows=np.array(r)) for r in ([0, 1], [2, 3])]
-    assert whole["forget"]["label_positions"].shape == (4, 48)
-    assert all(s["forget"]["label_positions"].shape == (2, 48) for s in shares)
+    assert whole["forget"]["label_positions"].shape == (4, 63)  # 34 labels > half of 64
+    assert all(s["forget"]["label_positions"].shape == (2, 63) for s in shares)
     np.testing.assert_array_equal(np.concatenate([s["forget"]["label_positions"] for s in shares]),
                                   whole["forget"]["label_positions"])
 

@@ -167,12 +167,13 @@ def test_sigterm_saves_exits_75_and_resume_is_exact(mini, straight, tmp_path, co
 
 
 def test_sigint_finishes_the_step_and_saves(mini, straight, tmp_path, monkeypatch):
-    """Ctrl-C (a real SIGINT to this process) while step 3 is being prepared: step 3 completes, is
-    saved, Preempted is raised, the usual handlers are back, and the resumed run is exact."""
+    """Ctrl-C (a real SIGINT to this process) while step 3 runs (the trainer is preparing step 4's
+    batch meanwhile): step 3 completes, is saved, Preempted is raised, the usual handlers are
+    back, and the resumed run is exact."""
     original = train_module.step_batch
 
     def step_batch(plan, step, *args, **kwargs):
-        if step == 2:
+        if step == 3:  # 0-based: the 4th step's batch, built while the 3rd step runs
             os.kill(os.getpid(), signal.SIGINT)
         return original(plan, step, *args, **kwargs)
 

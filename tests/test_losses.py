@@ -85,10 +85,10 @@ def test_loss_and_grads_match_open_unlearning(models, method, retain_loss, refer
     chunk_maps = []  # the chunked path runs its chunks under lax.map; record each call's chunk length
     real_map = jax.lax.map
     monkeypatch.setattr(jax.lax, "map", lambda f, xs, **kw: chunk_maps.append(xs[0].shape[2]) or real_map(f, xs, **kw))
-    # length 24: label_positions are 16 wide, -1 padded; "every_position" scores all positions instead
+    # length 24: label_positions are 12 wide, -1 padded; "every_position" scores all positions instead
     forget = pad_examples(_examples(0, 4), 24, pad_id=0)
     retain = pad_examples(_examples(1, 4), 24, pad_id=0)
-    assert forget["label_positions"].shape == (4, 16) and (forget["label_positions"] == -1).any()
+    assert forget["label_positions"].shape == (4, 12) and (forget["label_positions"] == -1).any()
     if logits == "every_position":
         forget, retain = ({k: v for k, v in g.items() if k != "label_positions"} for g in (forget, retain))
     beta = 4.5 if method == "SimNPO" else 0.1
