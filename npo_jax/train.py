@@ -481,8 +481,8 @@ class Trainer:
                     batch, tokens = self._place(*upcoming)
                     t0 = time.perf_counter()
                     self.state, metrics = self.step_fn(self.state, self.ref_params, batch)  # dispatched, not awaited
-                    # the next batch's host arrays are built while this step runs (numpy only: a JAX
-                    # transfer racing the step's collectives can deadlock XLA:CPU's simulated devices)
+                    # the next batch's host arrays are built while this step runs; they are placed on
+                    # the devices only after this step's metrics are read and checked
                     upcoming = self._host_batch(step + 1) if step + 1 < self.total_steps else None
                     metrics = {k: float(np.asarray(v).reshape(-1)[0]) for k, v in jax.device_get(metrics).items()}
                     dt = time.perf_counter() - t0
