@@ -47,6 +47,16 @@ def _rouge_items(rows, answers) -> dict:
     return out
 
 
+def _split(flat: list, groups):
+    """Cut `flat` back into consecutive pieces as long as each group (a dict of lists or a list of
+    lists) was when it was flattened; a dict comes back as a dict with the same keys."""
+    items = groups.items() if isinstance(groups, dict) else enumerate(groups)
+    out, k = {}, 0
+    for key, group in items:
+        out[key], k = flat[k:k + len(group)], k + len(group)
+    return out if isinstance(groups, dict) else list(out.values())
+
+
 class Suite:
     def __init__(self, scorer: Scorer, *, data_dir=None, tfds_dir=None, forget_split: str = "forget10",
                  holdout_split: str | None = None, limit: int | None = None, progress: bool = True):
@@ -72,10 +82,7 @@ class Suite:
         with self._bar("scoring", len(flat)) as bar:
             scored = self.scorer.score_answers(flat, bar)
         self.timings["scoring_s"] += time.perf_counter() - t0
-        out, k = {}, 0
-        for name, pairs in requests.items():
-            out[name], k = scored[k:k + len(pairs)], k + len(pairs)
-        return out
+        return _split(scored, requests)
 
     def _generate(self, splits: dict[str, list]) -> dict[str, list]:
         questions = [r["question"] for rows in splits.values() for r in rows]
@@ -83,10 +90,7 @@ class Suite:
         with self._bar("generation", len(questions)) as bar:
             answers = self.scorer.generate_answers(questions, bar)
         self.timings["generation_s"] += time.perf_counter() - t0
-        out, k = {}, 0
-        for name, rows in splits.items():
-            out[name], k = answers[k:k + len(rows)], k + len(rows)
-        return out
+        return _split(answers, splits)
 
     def per_item(self) -> dict:
         prefixes = ("forget", "retain", "ra", "wf")
@@ -109,9 +113,7 @@ class Suite:
             out[f"{prefix}_Q_A_Prob"] = _prob_items(answers)
             if prefix in ("forget", "retain"):
                 out[f"{prefix}_Q_A_PARA_Prob"] = _prob_items(scored[f"{prefix}_Q_A_PARA_Prob"])
-            pert, groups = iter(scored[f"{prefix}_Q_A_PERT_Prob"]), []
-            for r in rows:
-                groups.append([next(pert) for _ in r["perturbed_answer"]])
+            groups = _split(scored[f"{prefix}_Q_A_PERT_Prob"], [r["perturbed_answer"] for r in rows])
             out[f"{prefix}_Q_A_PERT_Prob"] = _multi_prob_items(groups)
             out[f"{prefix}_Q_A_ROUGE"] = _rouge_items(rows, generated[prefix])
             if prefix == "forget":
