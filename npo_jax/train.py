@@ -56,6 +56,7 @@ from npo_jax.run_config import RunConfig, to_yaml
 from npo_jax.sharding import make_mesh, param_shardings
 from npo_jax.train_step import (
     BATCH_AXES,
+    CompiledStep,
     batch_shardings,
     init_state,
     make_pmap_step,
@@ -285,15 +286,15 @@ class Trainer:
             self.state_shardings = state_shardings(self.tx, params, self.param_shardings, self.layout.mesh)
             state = jax.jit(lambda p: init_state(p, self.tx), out_shardings=self.state_shardings)(params)
             self.ref_params = jax.tree.map(jnp.copy, params) if live else None
-            self.step_fn = make_sharded_step(self.graphdef, self.obj, self.tx, self.schedule, self.layout.mesh,
-                                             self.state_shardings, self.layout.units,
-                                             self.param_shardings if live else None)
+            self.step_fn = CompiledStep(make_sharded_step(self.graphdef, self.obj, self.tx, self.schedule,
+                                                          self.layout.mesh, self.state_shardings, self.layout.units,
+                                                          self.param_shardings if live else None))
         else:
             devices = jax.local_devices()
             host = jax.device_get(params)
             state = replicate(init_state(host, self.tx), devices)
             self.ref_params = replicate(host, devices) if live else None
-            self.step_fn = make_pmap_step(self.graphdef, self.obj, self.tx, self.schedule)
+            self.step_fn = CompiledStep(make_pmap_step(self.graphdef, self.obj, self.tx, self.schedule))
         self.state = state
         del self.params_template
 

@@ -16,6 +16,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from npo_jax.losses import Objective, objective_loss
+from npo_jax.memory import trim_host_memory
 from npo_jax.model import merge_params
 
 BATCH_AXES = ("data", "fsdp")
@@ -87,6 +88,29 @@ def make_sharded_step(graphdef, obj: Objective, tx, schedule, mesh, state_shardi
         out_shardings=(state_shardings, replicated),
         donate_argnums=(0,),
     )
+
+
+class CompiledStep:
+    """A jit/pmap step compiled ahead of its first call for each batch shape.
+
+    After compiling, the heap the compiler freed is handed back to the OS before the step first
+    runs: glibc otherwise keeps it (about 350 MB for the `small` step on XLA:CPU) and the first
+    step's temporaries come on top of it, which sets the run's peak resident memory. One
+    executable per distinct batch shape (length bucket); an input that does not match the
+    executable it was compiled for is an error, not a silent recompile.
+    """
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.executables = {}
+
+    def __call__(self, state, ref_params, batch):
+        key = (jax.tree.structure(batch), tuple((x.shape, x.dtype) for x in jax.tree.leaves(batch)))
+        exe = self.executables.get(key)
+        if exe is None:
+            exe = self.executables[key] = self.fn.lower(state, ref_params, batch).compile()
+            trim_host_memory()
+        return exe(state, ref_params, batch)
 
 
 def make_pmap_step(graphdef, obj: Objective, tx, schedule, axis_name: str = "data"):

@@ -46,7 +46,7 @@ from npo_jax.losses import Objective  # noqa: E402
 from npo_jax.model import LlamaForCausalLM, split_params  # noqa: E402
 from npo_jax.optim import make_optimizer  # noqa: E402
 from npo_jax.sharding import make_mesh, param_shardings  # noqa: E402
-from npo_jax.train_step import batch_shardings, init_state, make_sharded_step  # noqa: E402
+from npo_jax.train_step import CompiledStep, batch_shardings, init_state, make_sharded_step  # noqa: E402
 
 PRESETS = {
     "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
@@ -140,8 +140,8 @@ def bench_ours(cfg: LlamaConfig, *, batch: int, seq: int, dtype: str, reference:
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
     ref = jax.tree.map(jnp.copy, params) if obj.needs_live_reference else None
     del params
-    step = make_sharded_step(graphdef, obj, tx, schedule, mesh, state_shardings, units=1,
-                             ref_shardings=shardings if ref is not None else None)
+    step = CompiledStep(make_sharded_step(graphdef, obj, tx, schedule, mesh, state_shardings, units=1,
+                                          ref_shardings=shardings if ref is not None else None))  # as the trainer
     host = jax.tree.map(lambda x: x[None], random_batch(cfg, batch, seq))
     if reference == "live":
         host.pop("forget_ref_logp")

@@ -91,7 +91,7 @@ def test_no_recompiles_after_first_step_of_each_bucket(mini, tmp_path):
                        eot_id=trainer.eot_id, eot_mask_quirk=False, retain=trainer.retain, pairing=trainer.pairing)
         seen.add((b["forget"]["input_ids"].shape[1], b["forget"]["label_positions"].shape[1]))
     assert trainer.total_steps > len(seen)
-    assert trainer.step_fn._cache_size() == len(seen)
+    assert len(trainer.step_fn.executables) == len(seen)
 
 
 def test_run_outputs_and_export(mini, tmp_path):
