@@ -50,10 +50,19 @@ class Linear(nnx.Module):
         self.compute_dtype = compute_dtype
 
     def __call__(self, x):
-        y = jnp.dot(x.astype(self.compute_dtype), self.kernel[...].astype(self.compute_dtype))
+        y = _matmul_2d(x.astype(self.compute_dtype), self.kernel[...].astype(self.compute_dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.compute_dtype)
         return y
+
+
+def _matmul_2d(x, w, **kwargs):
+    """x (..., d) @ w (d, n) with the leading axes folded into one (a free reshape).
+
+    The weight gradient then contracts one axis instead of (batch, time): XLA:CPU emits the
+    latter as transposing copies, and a stack of 8 `small` MLPs (forward + backward) ran in
+    1149 ms instead of 725 ms."""
+    return jnp.dot(x.reshape(-1, x.shape[-1]), w, **kwargs).reshape(*x.shape[:-1], w.shape[-1])
 
 
 class RMSNorm(nnx.Module):
@@ -210,11 +219,9 @@ class LlamaForCausalLM(nnx.Module):
         """float32 logits from hidden states (any leading shape)."""
         if self.lm_head is None:
             w = self.embed_tokens.embedding[...].astype(self.compute_dtype)
-            return jnp.einsum("...d,vd->...v", h.astype(self.compute_dtype), w,
-                              preferred_element_type=jnp.float32)
+            return _matmul_2d(h.astype(self.compute_dtype), w.T, preferred_element_type=jnp.float32)
         w = self.lm_head.kernel[...].astype(self.compute_dtype)
-        return jnp.einsum("...d,dv->...v", h.astype(self.compute_dtype), w,
-                          preferred_element_type=jnp.float32)
+        return _matmul_2d(h.astype(self.compute_dtype), w, preferred_element_type=jnp.float32)
 
     def __call__(self, input_ids, attention_mask=None, positions=None):
         h, _ = self.hidden_states(input_ids, attention_mask, positions)
