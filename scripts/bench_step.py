@@ -3,22 +3,25 @@
     python scripts/bench_step.py --preset small --vs-torch            # the table of issue 6
     python scripts/bench_step.py --preset small --vs-torch --json     # + one JSON object, last line
     python scripts/bench_step.py --preset small --reference live      # our step alone, in-process
+    python scripts/bench_step.py --preset small --vs-torch --hugepages # all workers with THP (glibc)
 
 One optimizer step = forward + backward over `batch` forget and `batch` retain sequences of
 `seq` tokens (random ids, the first half of each sequence masked as the prompt), gradient
-clipping and an AdamW update. Variants, each in its own fresh process (so peak resident memory
-is its own), alternated round by round:
+clipping and an AdamW update. Variants, each in its own long-lived process (so peak resident
+memory is its own):
   ours_live    our jit step, NPO with a frozen reference copy (the same work as torch)
   ours_cached  our jit step, NPO with cached reference log-probs (no reference forward)
   torch        transformers.LlamaForCausalLM (sdpa attention), open-unlearning's formulas
                (summed sequence NLL, -(2/beta) logsigmoid(...), alpha x retain NLL), a frozen
                deepcopy as reference, torch.optim.AdamW, clip_grad_norm_ 1.0
+The workers build and warm up (compile, one more step) side by side, then take turns one step at
+a time, the order rotated every round, so every variant's steps sample the same minutes of the
+machine (its speed drifts by 15-25% within minutes); medians over each variant's steps.
 Model FLOPs: 6 N per trained token + 2 N per reference-forward token (N = parameter count).
 Our step runs the LM head only on the answer positions (`label_positions`), torch on every
 position, as open-unlearning does; "executed" FLOPs count the LM head on the rows it runs on.
-Each worker also times a large float32 matmul in its own framework: the machine's matmul peak
-as that framework sees it, measured in the same run. Warm-up (compile, first steps) excluded;
-per variant the median over rounds of each round's median step time.
+Each worker also times a large float32 matmul in its own framework, in turns like the steps: the
+machine's matmul peak as that framework sees it, measured in the same run.
 """
 
 from __future__ import annotations
@@ -79,55 +82,54 @@ def random_batch(cfg: LlamaConfig, batch: int, seq: int, seed: int = 0) -> dict:
     return {"forget": group(), "retain": group(), "forget_ref_logp": rng.normal(-50, 5, batch).astype(np.float32)}
 
 
-def _timed(fn, steps: int, warmup: int = 1) -> tuple[float, list[float]]:
-    """(first call seconds, per-step seconds after `warmup` more calls)."""
+def _seconds(fn) -> float:
     t0 = time.perf_counter()
     fn()
-    first = time.perf_counter() - t0
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return first, times
+    return time.perf_counter() - t0
 
 
-def _figures(n_params: int, head_params: int, head_rows: float, batch: int, seq: int, live: bool, first_s: float,
-             times: list[float], peak_gflops: float) -> dict:
-    """Model FLOPs count 6N per trained token (2N per reference token) whatever the implementation
-    does; executed FLOPs count the LM head only on the rows it runs on (`head_rows`: fraction of
-    positions), the matmul work actually done (attention excluded in both)."""
-    trained = 2 * batch * seq
-    ref_tokens = batch * seq if live else 0
-    dt = statistics.median(times)
-    gflops = (6 * n_params * trained + 2 * n_params * ref_tokens) / dt / 1e9
-    body = n_params - head_params
-    executed = (6 * trained + 2 * ref_tokens) * (body + head_params * head_rows) / dt / 1e9
-    return {"params": n_params, "tokens_per_step": trained, "step_s": dt, "step_times": times,
-            "compile_s": first_s, "tokens_per_s": trained / dt, "gflops": gflops, "executed_gflops": executed,
-            "matmul_peak_gflops": peak_gflops, "fraction_of_peak": gflops / peak_gflops,
-            "executed_fraction_of_peak": executed / peak_gflops,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+class Worker:
+    """One variant: `step()` runs one optimizer step, `matmul()` one n x n x n float32 matmul."""
+
+    def __init__(self, step, matmul, n_params: int, head_params: int, head_rows: float, live: bool,
+                 matmul_n: int = 2048):
+        self.step, self.matmul, self.matmul_n = step, matmul, matmul_n
+        self.n_params, self.head_params, self.head_rows, self.live = n_params, head_params, head_rows, live
+
+    def figures(self, batch: int, seq: int, first_s: float, times: list[float], matmul_times: list[float]) -> dict:
+        """Model FLOPs count 6N per trained token (2N per reference token) whatever the implementation
+        does; executed FLOPs count the LM head only on the rows it runs on (`head_rows`: fraction of
+        positions), the matmul work actually done (attention excluded in both)."""
+        trained = 2 * batch * seq
+        ref_tokens = batch * seq if self.live else 0
+        dt = statistics.median(times)
+        peak = 2 * self.matmul_n**3 / statistics.median(matmul_times) / 1e9
+        gflops = (6 * self.n_params * trained + 2 * self.n_params * ref_tokens) / dt / 1e9
+        body = self.n_params - self.head_params
+        executed = (6 * trained + 2 * ref_tokens) * (body + self.head_params * self.head_rows) / dt / 1e9
+        return {"params": self.n_params, "tokens_per_step": trained, "step_s": dt, "step_times": times,
+                "compile_s": first_s, "tokens_per_s": trained / dt, "gflops": gflops, "executed_gflops": executed,
+                "matmul_peak_gflops": peak, "fraction_of_peak": gflops / peak,
+                "executed_fraction_of_peak": executed / peak,
+                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def matmul_peak_jax(n: int = 2048, reps: int = 10) -> float:
+def jax_matmul(n: int = 2048):
     a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n), dtype=np.float32))
     mm = jax.jit(lambda x, y: x @ y)
-    _, times = _timed(lambda: mm(a, a).block_until_ready(), reps)
-    return 2 * n**3 / statistics.median(times) / 1e9
+    mm(a, a).block_until_ready()
+    return lambda: mm(a, a).block_until_ready()
 
 
-def matmul_peak_torch(n: int = 2048, reps: int = 10) -> float:
+def torch_matmul(n: int = 2048):
     import torch
 
     a = torch.from_numpy(np.random.default_rng(0).standard_normal((n, n), dtype=np.float32))
-    _, times = _timed(lambda: a @ a, reps)
-    return 2 * n**3 / statistics.median(times) / 1e9
+    a @ a
+    return lambda: a @ a
 
 
-def bench_ours(cfg: LlamaConfig, *, batch: int, seq: int, dtype: str, reference: str, remat: str, steps: int) -> dict:
+def ours(cfg: LlamaConfig, *, batch: int, seq: int, dtype: str, reference: str, remat: str) -> Worker:
     compute = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
     graphdef, params = build(cfg, compute, remat)
     mesh = make_mesh(1, 1, 1)
@@ -152,14 +154,11 @@ def bench_ours(cfg: LlamaConfig, *, batch: int, seq: int, dtype: str, reference:
         box["state"], metrics = step(box["state"], ref, dev)
         jax.block_until_ready(metrics)
 
-    first, times = _timed(one, steps)
-    peak = matmul_peak_jax()
     head_rows = (seq - seq // 2) / seq  # label_positions: the answer half of each sequence
-    return _figures(n_params, cfg.vocab_size * cfg.hidden_size, head_rows, batch, seq, reference == "live", first,
-                    times, peak)
+    return Worker(one, jax_matmul(), n_params, cfg.vocab_size * cfg.hidden_size, head_rows, reference == "live")
 
 
-def bench_torch(raw: dict, *, batch: int, seq: int, dtype: str, steps: int) -> dict:
+def pytorch(raw: dict, *, batch: int, seq: int, dtype: str) -> Worker:
     """The open-unlearning NPO step (NPO trainer + HF Trainer defaults) in PyTorch."""
     import copy
 
@@ -191,59 +190,100 @@ def bench_torch(raw: dict, *, batch: int, seq: int, dtype: str, steps: int) -> d
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    first, times = _timed(one, steps)
-    peak = matmul_peak_torch()
     head = config.vocab_size * config.hidden_size
-    return _figures(n_params, head, 1.0, batch, seq, True, first, times, peak)  # logits at every position
+    return Worker(one, torch_matmul(), n_params, head, 1.0, True)  # logits at every position
 
 
 VARIANTS = ("ours_live", "ours_cached", "torch")
 
 
-def run_worker(variant: str, args) -> dict:
+def make_worker(variant: str, args) -> Worker:
     raw = model_dict(args)
     if variant == "torch":
-        return bench_torch(raw, batch=args.batch, seq=args.seq, dtype=args.dtype, steps=args.steps)
+        return pytorch(raw, batch=args.batch, seq=args.seq, dtype=args.dtype)
     cfg = LlamaConfig.from_hf_dict(raw, str(args.config or args.preset))
-    return bench_ours(cfg, batch=args.batch, seq=args.seq, dtype=args.dtype, remat=args.remat, steps=args.steps,
-                      reference="live" if variant == "ours_live" else "cached")
+    return ours(cfg, batch=args.batch, seq=args.seq, dtype=args.dtype, remat=args.remat,
+                reference="live" if variant == "ours_live" else "cached")
 
 
 def model_dict(args) -> dict:
     return read_config_dict(args.config) if args.config else {"model_type": "llama", **PRESETS[args.preset]}
 
 
+REPLY = "@@ "  # marks the protocol's lines on a worker's stdout (libraries may print there too)
+
+
+def serve(variant: str, args) -> None:
+    """Worker process: build, compile and warm up, then answer `step` / `matmul` / `done` on stdin."""
+    w = make_worker(variant, args)
+    first = _seconds(w.step)
+    w.step()  # warm-up
+    times, matmul_times = [], []
+    print(REPLY + "ready", flush=True)
+    for line in sys.stdin:
+        cmd = line.strip()
+        if cmd == "step":
+            times.append(_seconds(w.step))
+            print(REPLY + str(times[-1]), flush=True)
+        elif cmd == "matmul":
+            matmul_times.append(_seconds(w.matmul))
+            print(REPLY + str(matmul_times[-1]), flush=True)
+        elif cmd == "done":
+            print(REPLY + json.dumps(w.figures(args.batch, args.seq, first, times, matmul_times)), flush=True)
+            return
+
+
+def _reply(proc, variant: str) -> str:
+    for line in proc.stdout:
+        if line.startswith(REPLY):
+            return line[len(REPLY):].strip()
+    sys.exit(f"{variant} worker failed:\n{proc.stderr.read()[-3000:]}")
+
+
 def vs_torch(args) -> dict:
-    """Each variant in a fresh subprocess, the order rotated every round; medians over rounds."""
-    runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
+    """All variants as live worker processes taking turns step by step; medians per variant."""
     argv = [sys.executable, __file__, "--batch", str(args.batch), "--seq", str(args.seq), "--dtype", args.dtype,
-            "--remat", args.remat, "--steps", str(args.steps)]
+            "--remat", args.remat]
     argv += ["--config", str(args.config)] if args.config else ["--preset", args.preset]
-    for r in range(args.rounds):
-        for variant in VARIANTS[r % 3:] + VARIANTS[:r % 3]:
-            out = subprocess.run([*argv, "--worker", variant], capture_output=True, text=True, env=os.environ.copy())
-            if out.returncode != 0:
-                sys.exit(f"{variant} worker failed:\n{out.stderr[-3000:]}")
-            runs[variant].append(json.loads(out.stdout.strip().splitlines()[-1]))
-            print(f"  round {r + 1}/{args.rounds} {variant}: {runs[variant][-1]['tokens_per_s']:.0f} tokens/s",
-                  file=sys.stderr)
-    med = {}
-    for v, rs in runs.items():
-        m = {k: statistics.median(r[k] for r in rs) for k in ("step_s", "tokens_per_s", "gflops", "peak_rss_mb",
-                                                            "matmul_peak_gflops", "fraction_of_peak", "compile_s",
-                                                            "executed_gflops", "executed_fraction_of_peak")}
-        med[v] = {**m, "params": rs[0]["params"], "rounds": [r["tokens_per_s"] for r in rs]}
-    return {**med, "ratio_live": med["ours_live"]["tokens_per_s"] / med["torch"]["tokens_per_s"],
-            "ratio_cached": med["ours_cached"]["tokens_per_s"] / med["torch"]["tokens_per_s"],
-            "fraction_of_peak": med["ours_live"]["fraction_of_peak"],
-            "executed_fraction_of_peak": med["ours_live"]["executed_fraction_of_peak"],
-            "rss_ratio_live": med["ours_live"]["peak_rss_mb"] / med["torch"]["peak_rss_mb"]}
+    env = os.environ.copy()
+    if args.hugepages:  # glibc >= 2.35: transparent huge pages for malloc's large blocks, every worker alike
+        env["GLIBC_TUNABLES"] = ":".join(filter(None, [env.get("GLIBC_TUNABLES"), "glibc.malloc.hugetlb=1"]))
+    procs = {v: subprocess.Popen([*argv, "--worker", v], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True, env=env) for v in VARIANTS}
+    try:
+        for v, p in procs.items():
+            _reply(p, v)  # ready: built, compiled, warmed up
+
+        def turns(cmd: str, n: int) -> None:
+            for r in range(n):
+                for v in VARIANTS[r % 3:] + VARIANTS[:r % 3]:
+                    time.sleep(0.2)  # let the previous worker's idle threads stop spinning
+                    procs[v].stdin.write(cmd + "\n")
+                    procs[v].stdin.flush()
+                    _reply(procs[v], v)
+
+        turns("step", args.steps)
+        turns("matmul", 10)
+        res = {}
+        for v, p in procs.items():
+            p.stdin.write("done\n")
+            p.stdin.flush()
+            res[v] = json.loads(_reply(p, v))
+    finally:
+        for p in procs.values():
+            p.kill()
+    return {**res, "ratio_live": res["ours_live"]["tokens_per_s"] / res["torch"]["tokens_per_s"],
+            "ratio_cached": res["ours_cached"]["tokens_per_s"] / res["torch"]["tokens_per_s"],
+            "fraction_of_peak": res["ours_live"]["fraction_of_peak"],
+            "executed_fraction_of_peak": res["ours_live"]["executed_fraction_of_peak"],
+            "rss_ratio_live": res["ours_live"]["peak_rss_mb"] / res["torch"]["peak_rss_mb"]}
 
 
 def print_table(res: dict, args) -> None:
     name = args.config or args.preset
     print(f"{name}: {res['torch']['params'] / 1e6:.1f}M params, {args.dtype}, batch {args.batch}+{args.batch} x "
-          f"{args.seq}, {args.rounds} rounds x {args.steps} steps, {os.cpu_count()} CPUs")
+          f"{args.seq}, {args.steps} steps each (in turns), {os.cpu_count()} CPUs"
+          f"{', huge pages' if args.hugepages else ''}")
     print("(model GFLOP/s: 6N per trained token + 2N per reference token; executed: the LM head counted only on\n"
           " the rows it runs on, answer positions for ours, every position for torch)")
     print(f"{'variant':<12} {'tokens/s':>9} {'vs torch':>9} {'model GF/s':>10} {'of peak':>8} {'executed GF/s':>13} "
@@ -265,14 +305,15 @@ def main() -> None:
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     ap.add_argument("--reference", choices=["cached", "live"], default="cached")
     ap.add_argument("--remat", choices=["none", "full", "dots"], default="none")
-    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=15, help="timed steps per variant, after compile and one warm-up")
     ap.add_argument("--vs-torch", action="store_true", help="ours (live, cached) and the PyTorch step, side by side")
-    ap.add_argument("--rounds", type=int, default=3, help="with --vs-torch: alternating rounds")
+    ap.add_argument("--hugepages", action="store_true",
+                    help="with --vs-torch: run every worker with GLIBC_TUNABLES=glibc.malloc.hugetlb=1")
     ap.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     ap.add_argument("--json", action="store_true", help="also print the figures as one JSON object (last line)")
     args = ap.parse_args()
     if args.worker:
-        print(json.dumps(run_worker(args.worker, args)))
+        serve(args.worker, args)
         return
     if args.vs_torch:
         res = vs_torch(args)
@@ -281,7 +322,11 @@ def main() -> None:
             print(json.dumps(res))
         return
     variant = "ours_live" if args.reference == "live" else "ours_cached"
-    r = run_worker(variant, args)
+    w = make_worker(variant, args)
+    first = _seconds(w.step)
+    w.step()
+    times = [_seconds(w.step) for _ in range(args.steps)]
+    r = w.figures(args.batch, args.seq, first, times, [_seconds(w.matmul) for _ in range(10)])
     name = args.config or args.preset
     print(f"{name}: {r['params'] / 1e6:.1f}M params, {args.dtype}, batch {args.batch}+{args.batch} x {args.seq}, "
           f"reference {args.reference}, remat {args.remat}, {jax.devices()[0].platform}")
