@@ -304,7 +304,8 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     ap.add_argument("--reference", choices=["cached", "live"], default="cached")
-    ap.add_argument("--remat", choices=["none", "full", "dots"], default="none")
+    ap.add_argument("--remat", choices=["none", "full", "dots"], default="dots",
+                    help="our step's remat policy (the trainer's default: dots)")
     ap.add_argument("--steps", type=int, default=15, help="timed steps per variant, after compile and one warm-up")
     ap.add_argument("--vs-torch", action="store_true", help="ours (live, cached) and the PyTorch step, side by side")
     ap.add_argument("--hugepages", action="store_true",
