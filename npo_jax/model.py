@@ -60,8 +60,8 @@ def _matmul_2d(x, w, **kwargs):
     """x (..., d) @ w (d, n) with the leading axes folded into one (a free reshape).
 
     The weight gradient then contracts one axis instead of (batch, time): XLA:CPU emits the
-    latter as transposing copies, and a stack of 8 `small` MLPs (forward + backward) ran in
-    1149 ms instead of 725 ms."""
+    latter as transposing copies, about 1.5x slower forward + backward for a stack of MLPs
+    (`scripts/bench_mlp_layout.py`)."""
     return jnp.dot(x.reshape(-1, x.shape[-1]), w, **kwargs).reshape(*x.shape[:-1], w.shape[-1])
 
 

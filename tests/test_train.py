@@ -16,6 +16,7 @@ from npo_jax.errors import NpoJaxError
 from npo_jax.model import merge_params
 from npo_jax.run_config import load_run_config
 from npo_jax.train import Trainer
+from npo_jax.train_step import CompiledStep
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +93,19 @@ def test_no_recompiles_after_first_step_of_each_bucket(mini, tmp_path):
         seen.add((b["forget"]["input_ids"].shape[1], b["forget"]["label_positions"].shape[1]))
     assert trainer.total_steps > len(seen)
     assert len(trainer.step_fn.executables) == len(seen)
+
+
+def test_compiled_step_one_executable_per_batch_shape_and_no_silent_recompile():
+    step = CompiledStep(jax.jit(lambda state, ref, batch: (state + batch["x"].sum(), batch["x"].mean())))
+    state = np.float32(1.0)
+    for n in (4, 8, 4):
+        state, mean = step(state, None, {"x": np.arange(n, dtype=np.float32)})
+        assert float(mean) == (n - 1) / 2
+    assert float(state) == 1 + 6 + 28 + 6
+    step(state, None, {"x": np.arange(4, dtype=np.int32)})
+    assert len(step.executables) == 3  # (4, float32), (8, float32), (4, int32)
+    with pytest.raises(TypeError):  # a state unlike the one compiled for: an error, not a recompile
+        step(np.zeros(2, np.float32), None, {"x": np.arange(4, dtype=np.float32)})
 
 
 def test_run_outputs_and_export(mini, tmp_path):
