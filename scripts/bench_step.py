@@ -88,6 +88,14 @@ def _seconds(fn) -> float:
     return time.perf_counter() - t0
 
 
+def _timed_step(w: Worker, times: list, faults: list) -> float:
+    """One step's seconds; its minor page faults (fresh pages of the step's buffers) to `faults`."""
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    times.append(_seconds(w.step))
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    return times[-1]
+
+
 class Worker:
     """One variant: `step()` runs one optimizer step, `matmul()` one n x n x n float32 matmul."""
 
@@ -96,7 +104,8 @@ class Worker:
         self.step, self.matmul, self.matmul_n = step, matmul, matmul_n
         self.n_params, self.head_params, self.head_rows, self.live = n_params, head_params, head_rows, live
 
-    def figures(self, batch: int, seq: int, first_s: float, times: list[float], matmul_times: list[float]) -> dict:
+    def figures(self, batch: int, seq: int, first_s: float, times: list[float], matmul_times: list[float],
+                faults: list[int]) -> dict:
         """Model FLOPs count 6N per trained token (2N per reference token) whatever the implementation
         does; executed FLOPs count the LM head only on the rows it runs on (`head_rows`: fraction of
         positions), the matmul work actually done (attention excluded in both)."""
@@ -110,7 +119,7 @@ class Worker:
         return {"params": self.n_params, "tokens_per_step": trained, "step_s": dt, "step_times": times,
                 "compile_s": first_s, "tokens_per_s": trained / dt, "gflops": gflops, "executed_gflops": executed,
                 "matmul_peak_gflops": peak, "fraction_of_peak": gflops / peak,
-                "executed_fraction_of_peak": executed / peak,
+                "executed_fraction_of_peak": executed / peak, "minor_faults_per_step": statistics.median(faults),
                 "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
@@ -218,18 +227,17 @@ def serve(variant: str, args) -> None:
     w = make_worker(variant, args)
     first = _seconds(w.step)
     w.step()  # warm-up
-    times, matmul_times = [], []
+    times, matmul_times, faults = [], [], []
     print(REPLY + "ready", flush=True)
     for line in sys.stdin:
         cmd = line.strip()
         if cmd == "step":
-            times.append(_seconds(w.step))
-            print(REPLY + str(times[-1]), flush=True)
+            print(REPLY + str(_timed_step(w, times, faults)), flush=True)
         elif cmd == "matmul":
             matmul_times.append(_seconds(w.matmul))
             print(REPLY + str(matmul_times[-1]), flush=True)
         elif cmd == "done":
-            print(REPLY + json.dumps(w.figures(args.batch, args.seq, first, times, matmul_times)), flush=True)
+            print(REPLY + json.dumps(w.figures(args.batch, args.seq, first, times, matmul_times, faults)), flush=True)
             return
 
 
@@ -287,13 +295,13 @@ def print_table(res: dict, args) -> None:
     print("(model GFLOP/s: 6N per trained token + 2N per reference token; executed: the LM head counted only on\n"
           " the rows it runs on, answer positions for ours, every position for torch)")
     print(f"{'variant':<12} {'tokens/s':>9} {'vs torch':>9} {'model GF/s':>10} {'of peak':>8} {'executed GF/s':>13} "
-          f"{'of peak':>8} {'matmul peak':>12} {'peak RSS MB':>12} {'compile s':>10}")
+          f"{'of peak':>8} {'matmul peak':>12} {'peak RSS MB':>12} {'compile s':>10} {'faults/step':>12}")
     for v in VARIANTS:
         r = res[v]
         print(f"{v:<12} {r['tokens_per_s']:9.1f} {r['tokens_per_s'] / res['torch']['tokens_per_s']:8.2f}x "
               f"{r['gflops']:10.1f} {r['fraction_of_peak']:8.1%} {r['executed_gflops']:13.1f} "
               f"{r['executed_fraction_of_peak']:8.1%} {r['matmul_peak_gflops']:12.1f} "
-              f"{r['peak_rss_mb']:12.0f} {r['compile_s']:10.1f}")
+              f"{r['peak_rss_mb']:12.0f} {r['compile_s']:10.1f} {r['minor_faults_per_step']:12.0f}")
 
 
 def main() -> None:
@@ -326,14 +334,17 @@ def main() -> None:
     w = make_worker(variant, args)
     first = _seconds(w.step)
     w.step()
-    times = [_seconds(w.step) for _ in range(args.steps)]
-    r = w.figures(args.batch, args.seq, first, times, [_seconds(w.matmul) for _ in range(10)])
+    times, faults = [], []
+    for _ in range(args.steps):
+        _timed_step(w, times, faults)
+    r = w.figures(args.batch, args.seq, first, times, [_seconds(w.matmul) for _ in range(10)], faults)
     name = args.config or args.preset
     print(f"{name}: {r['params'] / 1e6:.1f}M params, {args.dtype}, batch {args.batch}+{args.batch} x {args.seq}, "
           f"reference {args.reference}, remat {args.remat}, {jax.devices()[0].platform}")
-    print(f"{'step s':>8} {'tokens/s':>10} {'GFLOP/s':>9} {'of peak':>8} {'peak RSS MB':>12} {'compile s':>10}")
+    print(f"{'step s':>8} {'tokens/s':>10} {'GFLOP/s':>9} {'of peak':>8} {'peak RSS MB':>12} {'compile s':>10} "
+          f"{'page faults/step':>17}")
     print(f"{r['step_s']:8.3f} {r['tokens_per_s']:10.1f} {r['gflops']:9.1f} {r['fraction_of_peak']:8.1%} "
-          f"{r['peak_rss_mb']:12.0f} {r['compile_s']:10.1f}")
+          f"{r['peak_rss_mb']:12.0f} {r['compile_s']:10.1f} {r['minor_faults_per_step']:17.0f}")
     if args.json:
         print(json.dumps(r))
 
