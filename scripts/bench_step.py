@@ -88,38 +88,47 @@ def _seconds(fn) -> float:
     return time.perf_counter() - t0
 
 
-def _timed_step(w: Worker, times: list, faults: list) -> float:
-    """One step's seconds; its minor page faults (fresh pages of the step's buffers) to `faults`."""
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    times.append(_seconds(w.step))
-    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-    return times[-1]
-
-
 class Worker:
-    """One variant: `step()` runs one optimizer step, `matmul()` one n x n x n float32 matmul."""
+    """One variant: `step()` runs one optimizer step, `matmul()` one n x n x n float32 matmul; the
+    worker times them and keeps the timings (and each step's minor page faults) for `figures`."""
 
     def __init__(self, step, matmul, n_params: int, head_params: int, head_rows: float, live: bool,
                  matmul_n: int = 2048):
         self.step, self.matmul, self.matmul_n = step, matmul, matmul_n
         self.n_params, self.head_params, self.head_rows, self.live = n_params, head_params, head_rows, live
+        self.first_s, self.times, self.faults, self.matmul_times = 0.0, [], [], []
 
-    def figures(self, batch: int, seq: int, first_s: float, times: list[float], matmul_times: list[float],
-                faults: list[int]) -> dict:
+    def warm_up(self) -> None:
+        """The first call (compile included, reported as compile_s) and one more, neither timed."""
+        self.first_s = _seconds(self.step)
+        self.step()
+
+    def timed_step(self) -> float:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt  # fresh pages of the step's buffers
+        self.times.append(_seconds(self.step))
+        self.faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+        return self.times[-1]
+
+    def timed_matmul(self) -> float:
+        self.matmul_times.append(_seconds(self.matmul))
+        return self.matmul_times[-1]
+
+    def figures(self, batch: int, seq: int) -> dict:
         """Model FLOPs count 6N per trained token (2N per reference token) whatever the implementation
         does; executed FLOPs count the LM head only on the rows it runs on (`head_rows`: fraction of
         positions), the matmul work actually done (attention excluded in both)."""
         trained = 2 * batch * seq
         ref_tokens = batch * seq if self.live else 0
-        dt = statistics.median(times)
-        peak = 2 * self.matmul_n**3 / statistics.median(matmul_times) / 1e9
+        dt = statistics.median(self.times)
+        peak = 2 * self.matmul_n**3 / statistics.median(self.matmul_times) / 1e9
         gflops = (6 * self.n_params * trained + 2 * self.n_params * ref_tokens) / dt / 1e9
         body = self.n_params - self.head_params
         executed = (6 * trained + 2 * ref_tokens) * (body + self.head_params * self.head_rows) / dt / 1e9
-        return {"params": self.n_params, "tokens_per_step": trained, "step_s": dt, "step_times": times,
-                "compile_s": first_s, "tokens_per_s": trained / dt, "gflops": gflops, "executed_gflops": executed,
-                "matmul_peak_gflops": peak, "fraction_of_peak": gflops / peak,
-                "executed_fraction_of_peak": executed / peak, "minor_faults_per_step": statistics.median(faults),
+        return {"params": self.n_params, "tokens_per_step": trained, "step_s": dt, "step_times": self.times,
+                "compile_s": self.first_s, "tokens_per_s": trained / dt, "gflops": gflops,
+                "executed_gflops": executed, "matmul_peak_gflops": peak, "fraction_of_peak": gflops / peak,
+                "executed_fraction_of_peak": executed / peak,
+                "minor_faults_per_step": statistics.median(self.faults),
                 "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
@@ -225,20 +234,15 @@ REPLY = "@@ "  # marks the protocol's lines on a worker's stdout (libraries may 
 def serve(variant: str, args) -> None:
     """Worker process: build, compile and warm up, then answer `step` / `matmul` / `done` on stdin."""
     w = make_worker(variant, args)
-    first = _seconds(w.step)
-    w.step()  # warm-up
-    times, matmul_times, faults = [], [], []
+    w.warm_up()
+    commands = {"step": w.timed_step, "matmul": w.timed_matmul}
     print(REPLY + "ready", flush=True)
     for line in sys.stdin:
         cmd = line.strip()
-        if cmd == "step":
-            print(REPLY + str(_timed_step(w, times, faults)), flush=True)
-        elif cmd == "matmul":
-            matmul_times.append(_seconds(w.matmul))
-            print(REPLY + str(matmul_times[-1]), flush=True)
-        elif cmd == "done":
-            print(REPLY + json.dumps(w.figures(args.batch, args.seq, first, times, matmul_times, faults)), flush=True)
+        if cmd == "done":
+            print(REPLY + json.dumps(w.figures(args.batch, args.seq)), flush=True)
             return
+        print(REPLY + str(commands[cmd]()), flush=True)
 
 
 def _reply(proc, variant: str) -> str:
@@ -332,12 +336,12 @@ def main() -> None:
         return
     variant = "ours_live" if args.reference == "live" else "ours_cached"
     w = make_worker(variant, args)
-    first = _seconds(w.step)
-    w.step()
-    times, faults = [], []
+    w.warm_up()
     for _ in range(args.steps):
-        _timed_step(w, times, faults)
-    r = w.figures(args.batch, args.seq, first, times, [_seconds(w.matmul) for _ in range(10)], faults)
+        w.timed_step()
+    for _ in range(10):
+        w.timed_matmul()
+    r = w.figures(args.batch, args.seq)
     name = args.config or args.preset
     print(f"{name}: {r['params'] / 1e6:.1f}M params, {args.dtype}, batch {args.batch}+{args.batch} x {args.seq}, "
           f"reference {args.reference}, remat {args.remat}, {jax.devices()[0].platform}")
