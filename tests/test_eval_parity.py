@@ -1,5 +1,6 @@
 """The JAX evaluator against transformers on the exported HF model, the eval CLI, and bad input."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -67,6 +68,42 @@ def test_per_item_values_match_transformers(trained):
         ref = hf_generate(hf, tok, r["question"], max_new_tokens=24, eos_ids=eos)
         np.testing.assert_array_equal(g, ref)
     assert any(len(g) > 3 for g in ours_gen)
+
+
+@pytest.mark.parametrize("quirk", [False, True])
+def test_prompts_run_once_and_answers_on_their_cache_match_transformers(trained, quirk):
+    """Shared-prompt scoring (each distinct prompt prefilled once, its answers scored on the cache)
+    against transformers' forward over each whole sequence; several prompt chunks, answers of
+    several length buckets, part-filled batches. With the quirk, HF gets open-unlearning's mask
+    (ids != eos) and default positions, as its collator feeds it."""
+    from npo_jax.eval.hf_reference import _encode, _item
+
+    root, data, hf_dir = trained
+    scorer = dataclasses.replace(load_scorer(hf_dir, batch_size=4, max_new_tokens=8), eot_mask_quirk=quirk)
+    hf = transformers.LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    rows = list(load_split("forget10_perturbed", data, root / "tfds"))[:7]
+    pairs = [(r["question"], a) for r in rows for a in (r["answer"], r["paraphrased_answer"], *r["perturbed_answer"],
+                                                         r["answer"] + " " + r["paraphrased_answer"] * 3)]
+    whole = dataclasses.replace(scorer, share_prompts=False).score_answers(pairs)
+    shared = dataclasses.replace(scorer, share_prompts=True).score_answers(pairs)
+    auto = scorer.score_answers(pairs)  # 8 answers per prompt: shares
+    eos = scorer.tokenizer.eos_token_id
+    answer_lengths = set()
+    for (q, a), w, s, u in zip(pairs, whole, shared, auto, strict=True):
+        ids, labels = _encode(scorer.tokenizer, q, a, "You are a helpful assistant.", "10 Apr 2025")
+        answer_lengths.add(sum(x != -100 for x in labels))
+        x = torch.tensor([ids])
+        with torch.no_grad():
+            logits = hf(x, attention_mask=(x != eos).long() if quirk else torch.ones_like(x)).logits[0].float()
+        ref = _item(logits, labels)
+        for ours in (w, s):
+            np.testing.assert_allclose(ours.avg_loss, ref["avg_loss"], rtol=1e-4)
+            np.testing.assert_allclose(ours.token_logprobs, ref["token_logprobs"], rtol=1e-4, atol=1e-5)
+            np.testing.assert_array_equal(ours.preds, ref["preds"])
+            np.testing.assert_array_equal(ours.labels, ref["labels"])
+        assert u.avg_loss == s.avg_loss
+    # the answers span several of the scorer's answer buckets (several compiled shapes)
+    assert len({next(b for b in scorer.answer_buckets if n <= b) for n in answer_lengths}) >= 2
 
 
 def scorer_config_eos(scorer):

@@ -5,6 +5,12 @@ closing eos included, as open-unlearning's `evaluate_probability`), and the per-
 and greedy predictions of the answer tokens without the eos (what `tokenwise_logprobs` and
 the extraction-strength / exact-memorization metrics use). Batches are right padded to a
 length bucket and jit-compiled once per bucket; the LM head runs on the answer positions only.
+
+A TOFU suite scores 7-10 answers per question (the answer, its paraphrase, the perturbed ones),
+and with the chat template the prompt is most of each sequence. When prompts repeat, each
+distinct prompt runs once (a prefill into the KV cache), and every answer runs on top of its
+prompt's cache: the same tokens, positions and causal attention as the whole sequence, about
+half the work (`share_prompts`).
 `generate_answers` produces greedy answers with the KV cache (left padded prompts).
 """
 
@@ -14,14 +20,15 @@ import functools
 from dataclasses import dataclass
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from npo_jax.data.batches import bucket_length, pad_examples
-from npo_jax.data.tokenize import ChatFormat, encode_prompts, encode_qa_pairs
+from npo_jax.data.tokenize import IGNORE, ChatFormat, Example, encode_prompts, encode_qa_pairs
 from npo_jax.generate import generate
 from npo_jax.logprobs import token_logprobs_and_argmax
 from npo_jax.losses import train_hidden
-from npo_jax.model import merge_params
+from npo_jax.model import KVCache, merge_params
 
 
 @dataclass
@@ -39,6 +46,47 @@ def _score_batch(graphdef, params, batch):
     return token_logprobs_and_argmax(model.logits, hidden, batch["labels"], positions=batch["label_positions"])
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _prefill_prompts(graphdef, params, ids, mask, last):
+    """KV cache of right-padded prompts (n, P) at positions 0..P-1, as `train_hidden` places them,
+    and the hidden state of each prompt's last token (it predicts the answer's first token)."""
+    model = merge_params(graphdef, params)
+    n, p = ids.shape
+    cache = KVCache.zeros(model.config, n, p, model.compute_dtype)
+    positions = jnp.broadcast_to(jnp.arange(p), ids.shape)
+    h, cache = model.hidden_states(ids, mask, positions, cache, cache_index=0)
+    return cache, h[jnp.arange(n), last]
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _score_on_prompts(graphdef, params, prompts, rows, ids, mask, labels, offsets):
+    """Score right-padded answers (b, A) on the prompts `rows` of `prompts` (cache, last hidden
+    states, attention mask): positions continue each prompt's (`offsets`), keys are the prompt's
+    cache slots, then the answer's own."""
+    cache, last_hidden, prompt_mask = prompts
+    model = merge_params(graphdef, params)
+    b, a = ids.shape
+
+    def with_answer_slots(c):  # (layers, b, kv_heads, P + A, head_dim)
+        return jnp.concatenate([c[:, rows], jnp.zeros((c.shape[0], b, c.shape[2], a, c.shape[4]), c.dtype)], axis=3)
+
+    h, _ = model.hidden_states(ids, jnp.concatenate([prompt_mask[rows], mask], axis=1),
+                               offsets[:, None] + jnp.arange(a),
+                               KVCache(with_answer_slots(cache.k), with_answer_slots(cache.v)),
+                               cache_index=cache.k.shape[3])
+    # hidden state t predicts token t + 1: the prompt's last state, then the answer's own
+    h = jnp.concatenate([last_hidden[rows][:, None].astype(h.dtype), h], axis=1)
+    labels = jnp.concatenate([jnp.full((b, 1), IGNORE, labels.dtype), labels], axis=1)
+    return token_logprobs_and_argmax(model.logits, h, labels)
+
+
+def _prompt_split(ex: Example) -> int:
+    """Where an example's answer starts: its first labelled token (at least one token each side)."""
+    labelled = np.flatnonzero(ex.labels != IGNORE)
+    first = int(labelled[0]) if len(labelled) else len(ex.input_ids)
+    return max(1, min(first, len(ex.input_ids) - 1))
+
+
 @dataclass
 class Scorer:
     graphdef: object
@@ -50,6 +98,9 @@ class Scorer:
     batch_size: int = 16
     eot_mask_quirk: bool = False
     max_new_tokens: int = 200
+    # None: run each distinct prompt once when prompts repeat (on average twice or more per call)
+    share_prompts: bool | None = None
+    answer_buckets: tuple = (8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 
     @property
     def pad_id(self) -> int:
@@ -58,27 +109,86 @@ class Scorer:
 
     def score_answers(self, pairs: list[tuple[str, str]], progress=None) -> list[Scored]:
         examples = encode_qa_pairs(self.tokenizer, pairs, self.fmt, self.buckets[-1])
+        splits = [_prompt_split(e) for e in examples]
+        groups: dict[bytes, list[int]] = {}  # examples by their exact prompt tokens
+        for i, (e, f) in enumerate(zip(examples, splits, strict=True)):
+            groups.setdefault(e.input_ids[:f].tobytes(), []).append(i)
+        share = self.share_prompts if self.share_prompts is not None else len(examples) >= 2 * len(groups)
+        # every batch is dispatched before the first result is read: host and device overlap
+        pending = (self._dispatch_shared(examples, splits, list(groups.values())) if share
+                   else self._dispatch_whole(examples))
         out: list[Scored | None] = [None] * len(examples)
+        for idx, targets, result in pending:
+            logp, preds, mask = jax.device_get(result)
+            for row, i in enumerate(idx):
+                m = mask[row]  # over the row's labelled positions, in order
+                lp, pred, tgt = logp[row][m], preds[row][m], targets[row][m]
+                # the closing eos is dropped from the per-token arrays, as tokenwise_logprobs does
+                out[i] = Scored(float(-lp.sum() / max(m.sum(), 1)), lp[:-1], pred[:-1], tgt[:-1])
+            if progress is not None:
+                progress.update(len(idx))
+        return out
+
+    def _dispatch_whole(self, examples: list[Example]):
+        """Whole sequences, sorted by length, a batch per `batch_size`: [(indices, targets, result)]."""
         order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
-        pending = []  # every batch is dispatched before the first result is read: host and device overlap
+        pending = []
         for start in range(0, len(order), self.batch_size):
             idx = order[start:start + self.batch_size]
             chunk = [examples[i] for i in idx]
             length = bucket_length(max(len(e.input_ids) for e in chunk), list(self.buckets))
             chunk += [chunk[-1]] * (self.batch_size - len(chunk))  # one shape per bucket
             batch = pad_examples(chunk, length, self.pad_id, self.tokenizer.eos_token_id, self.eot_mask_quirk)
-            pending.append((idx, batch, _score_batch(self.graphdef, self.params, batch)))
-        for idx, batch, result in pending:
-            logp, preds, mask = jax.device_get(result)
-            for row, i in enumerate(idx):
-                m = mask[row]  # over the row's label positions, in order
-                lp, pred = logp[row][m], preds[row][m]
-                targets = batch["labels"][row][batch["label_positions"][row][m] + 1]
-                # the closing eos is dropped from the per-token arrays, as tokenwise_logprobs does
-                out[i] = Scored(float(-lp.sum() / max(m.sum(), 1)), lp[:-1], pred[:-1], targets[:-1])
-            if progress is not None:
-                progress.update(len(idx))
-        return out
+            targets = np.take_along_axis(batch["labels"], np.maximum(batch["label_positions"], 0) + 1, axis=1)
+            pending.append((idx, targets, _score_batch(self.graphdef, self.params, batch)))
+        return pending
+
+    def _attention_mask(self, ids: np.ndarray) -> np.ndarray:
+        # open-unlearning's collator with the quirk: mask = ids != pad (= eos), inside the sequence too
+        eos = self.tokenizer.eos_token_id
+        return (ids != eos).astype(np.int32) if self.eot_mask_quirk else np.ones(len(ids), np.int32)
+
+    def _dispatch_shared(self, examples: list[Example], splits: list[int], groups: list[list[int]]):
+        """`batch_size` distinct prompts at a time: their prefill, then their answers on its cache."""
+        groups = sorted(groups, key=lambda g: splits[g[0]])
+        pending = []
+        for start in range(0, len(groups), self.batch_size):
+            chunk = groups[start:start + self.batch_size]
+            firsts = [examples[g[0]] for g in chunk]
+            lengths = [splits[g[0]] for g in chunk]
+            width = bucket_length(max(lengths), list(self.buckets))
+            ids = np.full((self.batch_size, width), self.pad_id, np.int32)
+            mask = np.zeros_like(ids)
+            for row in range(self.batch_size):  # unused rows repeat the last prompt: one shape per bucket
+                ex, n = firsts[min(row, len(chunk) - 1)], lengths[min(row, len(chunk) - 1)]
+                ids[row, :n] = ex.input_ids[:n]
+                mask[row, :n] = self._attention_mask(ex.input_ids)[:n]
+            last = np.asarray([n - 1 for n in lengths] + [lengths[-1] - 1] * (self.batch_size - len(chunk)), np.int32)
+            prompts = (*_prefill_prompts(self.graphdef, self.params, ids, mask, last), mask)
+            rows = sorted(((r, i) for r, g in enumerate(chunk) for i in g),
+                          key=lambda ri: len(examples[ri[1]].input_ids) - splits[ri[1]])
+            for s in range(0, len(rows), self.batch_size):
+                part = rows[s:s + self.batch_size]
+                idx = [i for _, i in part]
+                part += [part[-1]] * (self.batch_size - len(part))
+                pending.append((idx, *self._answers_batch(examples, splits, prompts, part)))
+        return pending
+
+    def _answers_batch(self, examples, splits, prompts, part):
+        """(targets, result) for (prompt row, example) pairs, answers right padded to a bucket."""
+        longest = max(len(examples[i].input_ids) - splits[i] for _, i in part)
+        width = bucket_length(longest, list(self.answer_buckets))
+        ids = np.full((len(part), width), self.pad_id, np.int32)
+        labels = np.full_like(ids, IGNORE)
+        mask = np.zeros_like(ids)
+        for row, (_, i) in enumerate(part):
+            ex, f = examples[i], splits[i]
+            n = len(ex.input_ids) - f
+            ids[row, :n], labels[row, :n] = ex.input_ids[f:], ex.labels[f:]
+            mask[row, :n] = self._attention_mask(ex.input_ids)[f:]
+        rows = np.asarray([r for r, _ in part], np.int32)
+        offsets = np.asarray([splits[i] for _, i in part], np.int32)
+        return labels, _score_on_prompts(self.graphdef, self.params, prompts, rows, ids, mask, labels, offsets)
 
     def generate_answers(self, questions: list[str], progress=None) -> list[str]:
         """Greedy answers decoded with special tokens skipped, cut at eos, stripped."""
