@@ -201,7 +201,8 @@ class Scorer:
     def generate_ids(self, prompts: list[np.ndarray], progress=None, *, temperature: float = 0.0,
                      top_p: float = 1.0, seed: int = 0) -> list[np.ndarray]:
         """New tokens per prompt (cut at eos): sorted by length, left padded to a bucket, a fixed batch
-        size, so generation compiles once per bucket. Sampled batch b uses `SeedSequence([seed, b])`."""
+        size (the last batch: the next power of two), so generation compiles once per bucket (and
+        row count). Sampled batch b uses `SeedSequence([seed, b])`."""
         eos = self.tokenizer.eos_token_id
         cfg = merge_params(self.graphdef, self.params).config
         eos_ids = tuple(sorted({eos, *cfg.eos_token_ids}))
@@ -210,7 +211,9 @@ class Scorer:
         for b, start in enumerate(range(0, len(order), self.batch_size)):
             idx = order[start:start + self.batch_size]
             chunk = [prompts[i] for i in idx]
-            chunk += [chunk[-1]] * (self.batch_size - len(chunk))
+            # a part-filled last batch decodes as few rows as the next power of two (a compile of its
+            # own): every decode step streams all weights whatever the row count
+            chunk += [chunk[-1]] * (min(self.batch_size, 1 << (len(chunk) - 1).bit_length()) - len(chunk))
             longest, last = max(len(p) for p in chunk), self.buckets[-1]
             width = bucket_length(longest, list(self.buckets)) if longest <= last else -(-longest // last) * last
             ids = np.full((len(chunk), width), self.pad_id, np.int32)
