@@ -30,6 +30,10 @@ from npo_jax.logprobs import token_logprobs_and_argmax
 from npo_jax.losses import train_hidden
 from npo_jax.model import KVCache, merge_params
 
+# generation prompts are left padded to a multiple of this: the prefill is a large part of a
+# short generation's cost, so finer than the scoring buckets (more compiled shapes)
+PROMPT_MULTIPLE = 16
+
 
 @dataclass
 class Scored:
@@ -200,7 +204,8 @@ class Scorer:
 
     def generate_ids(self, prompts: list[np.ndarray], progress=None, *, temperature: float = 0.0,
                      top_p: float = 1.0, seed: int = 0) -> list[np.ndarray]:
-        """New tokens per prompt (cut at eos): sorted by length, left padded to a bucket, a fixed batch
+        """New tokens per prompt (cut at eos): sorted by length, left padded to a multiple of
+        `PROMPT_MULTIPLE`, a fixed batch
         size (the last batch: the next power of two), so generation compiles once per bucket (and
         row count). Sampled batch b uses `SeedSequence([seed, b])`."""
         eos = self.tokenizer.eos_token_id
@@ -214,8 +219,7 @@ class Scorer:
             # a part-filled last batch decodes as few rows as the next power of two (a compile of its
             # own): every decode step streams all weights whatever the row count
             chunk += [chunk[-1]] * (min(self.batch_size, 1 << (len(chunk) - 1).bit_length()) - len(chunk))
-            longest, last = max(len(p) for p in chunk), self.buckets[-1]
-            width = bucket_length(longest, list(self.buckets)) if longest <= last else -(-longest // last) * last
+            width = -(-max(len(p) for p in chunk) // PROMPT_MULTIPLE) * PROMPT_MULTIPLE
             ids = np.full((len(chunk), width), self.pad_id, np.int32)
             mask = np.zeros_like(ids)
             for row, p in enumerate(chunk):
