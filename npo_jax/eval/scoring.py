@@ -9,8 +9,8 @@ length bucket and jit-compiled once per bucket; the LM head runs on the answer p
 A TOFU suite scores 7-10 answers per question (the answer, its paraphrase, the perturbed ones),
 and with the chat template the prompt is most of each sequence. When prompts repeat, each
 distinct prompt runs once (a prefill into the KV cache), and every answer runs on top of its
-prompt's cache: the same tokens, positions and causal attention as the whole sequence, about
-half the work (`share_prompts`).
+prompt's cache: the same tokens, positions and causal attention as the whole sequence, for a
+third of the tokens in a TOFU suite (`share_prompts`).
 `generate_answers` produces greedy answers with the KV cache (left padded prompts).
 """
 
@@ -158,16 +158,15 @@ class Scorer:
         pending = []
         for start in range(0, len(groups), self.batch_size):
             chunk = groups[start:start + self.batch_size]
-            firsts = [examples[g[0]] for g in chunk]
-            lengths = [splits[g[0]] for g in chunk]
-            width = bucket_length(max(lengths), list(self.buckets))
-            ids = np.full((self.batch_size, width), self.pad_id, np.int32)
+            # unused rows repeat the last prompt: one shape per bucket
+            firsts = [examples[g[0]] for g in chunk] + [examples[chunk[-1][0]]] * (self.batch_size - len(chunk))
+            lengths = [splits[g[0]] for g in chunk] + [splits[chunk[-1][0]]] * (self.batch_size - len(chunk))
+            ids = np.full((self.batch_size, bucket_length(max(lengths), list(self.buckets))), self.pad_id, np.int32)
             mask = np.zeros_like(ids)
-            for row in range(self.batch_size):  # unused rows repeat the last prompt: one shape per bucket
-                ex, n = firsts[min(row, len(chunk) - 1)], lengths[min(row, len(chunk) - 1)]
+            for row, (ex, n) in enumerate(zip(firsts, lengths, strict=True)):
                 ids[row, :n] = ex.input_ids[:n]
                 mask[row, :n] = self._attention_mask(ex.input_ids)[:n]
-            last = np.asarray([n - 1 for n in lengths] + [lengths[-1] - 1] * (self.batch_size - len(chunk)), np.int32)
+            last = np.asarray(lengths, np.int32) - 1
             prompts = (*_prefill_prompts(self.graphdef, self.params, ids, mask, last), mask)
             rows = sorted(((r, i) for r, g in enumerate(chunk) for i in g),
                           key=lambda ri: len(examples[ri[1]].input_ids) - splits[ri[1]])
@@ -205,9 +204,8 @@ class Scorer:
     def generate_ids(self, prompts: list[np.ndarray], progress=None, *, temperature: float = 0.0,
                      top_p: float = 1.0, seed: int = 0) -> list[np.ndarray]:
         """New tokens per prompt (cut at eos): sorted by length, left padded to a multiple of
-        `PROMPT_MULTIPLE`, a fixed batch
-        size (the last batch: the next power of two), so generation compiles once per bucket (and
-        row count). Sampled batch b uses `SeedSequence([seed, b])`."""
+        `PROMPT_MULTIPLE`, a fixed batch size (the last batch: the next power of two), so generation
+        compiles once per width (and row count). Sampled batch b uses `SeedSequence([seed, b])`."""
         eos = self.tokenizer.eos_token_id
         cfg = merge_params(self.graphdef, self.params).config
         eos_ids = tuple(sorted({eos, *cfg.eos_token_ids}))
