@@ -80,7 +80,8 @@ def test_prompts_run_once_and_answers_on_their_cache_match_transformers(trained,
     from npo_jax.eval.hf_reference import _encode, _item
 
     root, data, hf_dir = trained
-    scorer = dataclasses.replace(load_scorer(hf_dir, batch_size=4, max_new_tokens=8), eot_mask_quirk=quirk)
+    # 7 prompts x 8 answers in batches of 5: a part-filled prefill batch and a part-filled answer batch
+    scorer = dataclasses.replace(load_scorer(hf_dir, batch_size=5, max_new_tokens=8), eot_mask_quirk=quirk)
     hf = transformers.LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     rows = list(load_split("forget10_perturbed", data, root / "tfds"))[:7]
     pairs = [(r["question"], a) for r in rows for a in (r["answer"], r["paraphrased_answer"], *r["perturbed_answer"],
