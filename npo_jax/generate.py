@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from npo_jax.logprobs import first_argmax
 from npo_jax.model import KVCache, merge_params
 
 
@@ -26,7 +27,7 @@ class Generation(NamedTuple):
 def sample_next(logits, rng, temperature: float, top_p: float):
     """Greedy when temperature == 0, else temperature + nucleus (top-p) sampling."""
     if temperature == 0.0:
-        return jnp.argmax(logits, axis=-1)
+        return first_argmax(logits)
     logits = logits / temperature
     if top_p < 1.0:
         sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]

@@ -176,3 +176,19 @@ def test_cached_reference_logprobs_match_open_unlearning(models):
                                  (("input_ids", e.input_ids), ("labels", e.labels),
                                   ("attention_mask", np.ones_like(e.input_ids)))}).item() for e in examples]
     np.testing.assert_allclose(ours, want, rtol=1e-5, atol=1e-4)
+
+
+def test_first_argmax_is_numpys_argmax():
+    """The two-stage argmax against numpy's: ties across and within blocks (the first wins), a NaN
+    (counts as the maximum, as in numpy and torch), a vocabulary that is not a multiple of 128, and
+    the (batch, positions, vocab) layout the scorer uses."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 5, 1024)).astype(np.float32)
+    x[0, 0, [300, 900]] = 9.0  # tie across blocks
+    x[0, 1, [260, 261]] = 9.0  # tie within a block
+    x[1, 2, 700] = np.nan
+    x[1, 3, 5] = np.inf
+    for logits in (x, x[0], rng.standard_normal((4, 1000)).astype(np.float32)):
+        got = np.asarray(jax.jit(logprobs.first_argmax)(logits))
+        np.testing.assert_array_equal(got, np.argmax(logits, axis=-1))
+    assert np.asarray(logprobs.first_argmax(x))[0, 0] == 300 and np.asarray(logprobs.first_argmax(x))[1, 2] == 700
