@@ -82,6 +82,9 @@ def random_batch(cfg: LlamaConfig, batch: int, seq: int, seed: int = 0) -> dict:
     return {"forget": group(), "retain": group(), "forget_ref_logp": rng.normal(-50, 5, batch).astype(np.float32)}
 
 
+MATMUL_N, MATMUL_TURNS = 2048, 10  # the n x n x n float32 matmul that measures each framework's peak
+
+
 def _seconds(fn) -> float:
     t0 = time.perf_counter()
     fn()
@@ -92,9 +95,8 @@ class Worker:
     """One variant: `step()` runs one optimizer step, `matmul()` one n x n x n float32 matmul; the
     worker times them and keeps the timings (and each step's minor page faults) for `figures`."""
 
-    def __init__(self, step, matmul, n_params: int, head_params: int, head_rows: float, live: bool,
-                 matmul_n: int = 2048):
-        self.step, self.matmul, self.matmul_n = step, matmul, matmul_n
+    def __init__(self, step, matmul, n_params: int, head_params: int, head_rows: float, live: bool):
+        self.step, self.matmul = step, matmul
         self.n_params, self.head_params, self.head_rows, self.live = n_params, head_params, head_rows, live
         self.first_s, self.times, self.faults, self.matmul_times = 0.0, [], [], []
 
@@ -120,7 +122,7 @@ class Worker:
         trained = 2 * batch * seq
         ref_tokens = batch * seq if self.live else 0
         dt = statistics.median(self.times)
-        peak = 2 * self.matmul_n**3 / statistics.median(self.matmul_times) / 1e9
+        peak = 2 * MATMUL_N**3 / statistics.median(self.matmul_times) / 1e9
         gflops = (6 * self.n_params * trained + 2 * self.n_params * ref_tokens) / dt / 1e9
         body = self.n_params - self.head_params
         executed = (6 * trained + 2 * ref_tokens) * (body + self.head_params * self.head_rows) / dt / 1e9
@@ -132,14 +134,14 @@ class Worker:
                 "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def jax_matmul(n: int = 2048):
+def jax_matmul(n: int = MATMUL_N):
     a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n), dtype=np.float32))
     mm = jax.jit(lambda x, y: x @ y)
     mm(a, a).block_until_ready()
     return lambda: mm(a, a).block_until_ready()
 
 
-def torch_matmul(n: int = 2048):
+def torch_matmul(n: int = MATMUL_N):
     import torch
 
     a = torch.from_numpy(np.random.default_rng(0).standard_normal((n, n), dtype=np.float32))
@@ -275,7 +277,7 @@ def vs_torch(args) -> dict:
                     _reply(procs[v], v)
 
         turns("step", args.steps)
-        turns("matmul", 10)
+        turns("matmul", MATMUL_TURNS)
         res = {}
         for v, p in procs.items():
             p.stdin.write("done\n")
@@ -339,7 +341,7 @@ def main() -> None:
     w.warm_up()
     for _ in range(args.steps):
         w.timed_step()
-    for _ in range(10):
+    for _ in range(MATMUL_TURNS):
         w.timed_matmul()
     r = w.figures(args.batch, args.seq)
     name = args.config or args.preset

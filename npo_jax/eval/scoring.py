@@ -133,6 +133,11 @@ class Scorer:
                 progress.update(len(idx))
         return out
 
+    def _pad(self, examples: list[Example], buckets) -> dict[str, np.ndarray]:
+        """Right padded to the bucket of the longest, with the collator's mask (eot quirk included)."""
+        length = bucket_length(max(len(e.input_ids) for e in examples), list(buckets))
+        return pad_examples(examples, length, self.pad_id, self.tokenizer.eos_token_id, self.eot_mask_quirk)
+
     def _dispatch_whole(self, examples: list[Example]):
         """Whole sequences, sorted by length, a batch per `batch_size`: [(indices, targets, result)]."""
         order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
@@ -140,17 +145,11 @@ class Scorer:
         for start in range(0, len(order), self.batch_size):
             idx = order[start:start + self.batch_size]
             chunk = [examples[i] for i in idx]
-            length = bucket_length(max(len(e.input_ids) for e in chunk), list(self.buckets))
             chunk += [chunk[-1]] * (self.batch_size - len(chunk))  # one shape per bucket
-            batch = pad_examples(chunk, length, self.pad_id, self.tokenizer.eos_token_id, self.eot_mask_quirk)
+            batch = self._pad(chunk, self.buckets)
             targets = np.take_along_axis(batch["labels"], np.maximum(batch["label_positions"], 0) + 1, axis=1)
             pending.append((idx, targets, _score_batch(self.graphdef, self.params, batch)))
         return pending
-
-    def _attention_mask(self, ids: np.ndarray) -> np.ndarray:
-        # open-unlearning's collator with the quirk: mask = ids != pad (= eos), inside the sequence too
-        eos = self.tokenizer.eos_token_id
-        return (ids != eos).astype(np.int32) if self.eot_mask_quirk else np.ones(len(ids), np.int32)
 
     def _dispatch_shared(self, examples: list[Example], splits: list[int], groups: list[list[int]]):
         """`batch_size` distinct prompts at a time: their prefill, then their answers on its cache."""
@@ -158,16 +157,12 @@ class Scorer:
         pending = []
         for start in range(0, len(groups), self.batch_size):
             chunk = groups[start:start + self.batch_size]
-            # unused rows repeat the last prompt: one shape per bucket
-            firsts = [examples[g[0]] for g in chunk] + [examples[chunk[-1][0]]] * (self.batch_size - len(chunk))
-            lengths = [splits[g[0]] for g in chunk] + [splits[chunk[-1][0]]] * (self.batch_size - len(chunk))
-            ids = np.full((self.batch_size, bucket_length(max(lengths), list(self.buckets))), self.pad_id, np.int32)
-            mask = np.zeros_like(ids)
-            for row, (ex, n) in enumerate(zip(firsts, lengths, strict=True)):
-                ids[row, :n] = ex.input_ids[:n]
-                mask[row, :n] = self._attention_mask(ex.input_ids)[:n]
-            last = np.asarray(lengths, np.int32) - 1
-            prompts = (*_prefill_prompts(self.graphdef, self.params, ids, mask, last), mask)
+            firsts = [g[0] for g in chunk] + [chunk[-1][0]] * (self.batch_size - len(chunk))  # one shape per bucket
+            batch = self._pad([Example(examples[i].input_ids[:splits[i]], examples[i].labels[:splits[i]])
+                               for i in firsts], self.buckets)
+            last = np.asarray([splits[i] - 1 for i in firsts], np.int32)
+            mask = jnp.asarray(batch["attention_mask"])
+            prompts = (*_prefill_prompts(self.graphdef, self.params, batch["input_ids"], mask, last), mask)
             rows = sorted(((r, i) for r, g in enumerate(chunk) for i in g),
                           key=lambda ri: len(examples[ri[1]].input_ids) - splits[ri[1]])
             for s in range(0, len(rows), self.batch_size):
@@ -179,19 +174,12 @@ class Scorer:
 
     def _answers_batch(self, examples, splits, prompts, part):
         """(targets, result) for (prompt row, example) pairs, answers right padded to a bucket."""
-        longest = max(len(examples[i].input_ids) - splits[i] for _, i in part)
-        width = bucket_length(longest, list(self.answer_buckets))
-        ids = np.full((len(part), width), self.pad_id, np.int32)
-        labels = np.full_like(ids, IGNORE)
-        mask = np.zeros_like(ids)
-        for row, (_, i) in enumerate(part):
-            ex, f = examples[i], splits[i]
-            n = len(ex.input_ids) - f
-            ids[row, :n], labels[row, :n] = ex.input_ids[f:], ex.labels[f:]
-            mask[row, :n] = self._attention_mask(ex.input_ids)[f:]
+        batch = self._pad([Example(examples[i].input_ids[splits[i]:], examples[i].labels[splits[i]:])
+                           for _, i in part], self.answer_buckets)
         rows = np.asarray([r for r, _ in part], np.int32)
         offsets = np.asarray([splits[i] for _, i in part], np.int32)
-        return labels, _score_on_prompts(self.graphdef, self.params, prompts, rows, ids, mask, labels, offsets)
+        return batch["labels"], _score_on_prompts(self.graphdef, self.params, prompts, rows, batch["input_ids"],
+                                                  batch["attention_mask"], batch["labels"], offsets)
 
     def generate_answers(self, questions: list[str], progress=None) -> list[str]:
         """Greedy answers decoded with special tokens skipped, cut at eos, stripped."""
