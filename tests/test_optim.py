@@ -5,13 +5,35 @@ import numpy as np
 import torch
 from transformers import get_linear_schedule_with_warmup
 
-from npo_jax.optim import decay_mask, make_optimizer, warmup_steps
+from npo_jax.optim import clip_grad_norm, decay_mask, make_optimizer, warmup_steps
 
 
 def test_warmup_steps_as_open_unlearning():
     assert warmup_steps(1.0, 400, 32) == 12  # forget10
     assert warmup_steps(1.0, 4000, 32) == 125  # full fine-tune
     assert warmup_steps(0.5, 40, 32) == 0
+
+
+def test_clipping_is_torchs_clip_grad_norm():
+    """Scale min(1, max_norm / (norm + 1e-6)), as torch does it. Just above the limit the eps is
+    visible: optax's clip_by_global_norm (t / norm, no eps) is 1e-6 off there, and no scaling at all
+    is 1e-6 off too; far below it, nothing changes."""
+    rng = np.random.RandomState(1)
+    base = {"a": rng.randn(7, 5).astype(np.float32), "b": rng.randn(11).astype(np.float32)}
+    norm = np.sqrt(sum(float(np.sum(x.astype(np.float64) ** 2)) for x in base.values()))
+    for target in (1.0 + 5e-7, 3.0, 0.5):
+        grads = {k: (v * (target / norm)).astype(np.float32) for k, v in base.items()}
+        ours, _ = clip_grad_norm(1.0).update(grads, None)
+        tgrads = [torch.tensor(grads[k]) for k in ("a", "b")]
+        for t in tgrads:
+            t.grad = t.clone()
+        torch.nn.utils.clip_grad_norm_(tgrads, 1.0)
+        for k, t in zip(("a", "b"), tgrads, strict=True):
+            np.testing.assert_allclose(np.asarray(ours[k]), t.grad.numpy(), rtol=2e-7, atol=0)
+            if target < 1:
+                np.testing.assert_array_equal(np.asarray(ours[k]), grads[k])
+            else:
+                assert not np.allclose(t.grad.numpy(), grads[k], rtol=5e-7, atol=0)
 
 
 def test_adamw_steps_match_torch_with_hf_schedule():
