@@ -4,6 +4,7 @@
     python scripts/bench_step.py --preset small --vs-torch --json     # + one JSON object, last line
     python scripts/bench_step.py --preset small --reference live      # our step alone, in-process
     python scripts/bench_step.py --preset small --vs-torch --hugepages # all workers with THP (glibc)
+    python scripts/bench_step.py --preset 1b-shape --dtype bfloat16 --vs-torch --one-at-a-time  # a GPU
 
 One optimizer step = forward + backward over `batch` forget and `batch` retain sequences of
 `seq` tokens (random ids, the first half of each sequence masked as the prompt), gradient
@@ -20,8 +21,14 @@ machine (its speed drifts by 15-25% within minutes); medians over each variant's
 Model FLOPs: 6 N per trained token + 2 N per reference-forward token (N = parameter count).
 Our step runs the LM head only on the answer positions (`label_positions`), torch on every
 position, as open-unlearning does; "executed" FLOPs count the LM head on the rows it runs on.
-Each worker also times a large float32 matmul in its own framework, in turns like the steps: the
-machine's matmul peak as that framework sees it, measured in the same run.
+Each worker also times a large matmul in the step's dtype in its own framework, in turns like the
+steps: the machine's matmul peak as that framework sees it, measured in the same run.
+
+On an accelerator (jax's default backend, torch on CUDA when it has it) the step and matmul timings
+wait for the device (`block_until_ready`, `torch.cuda.synchronize`), the matmul is 8192^3, and peak
+device memory is reported too. `--one-at-a-time` runs the variants one after another instead of in
+turns: one chip holds one variant's params and optimizer state at a time, and its speed does not
+drift like a shared CPU's.
 """
 
 from __future__ import annotations
@@ -51,6 +58,8 @@ from npo_jax.optim import make_optimizer  # noqa: E402
 from npo_jax.sharding import make_mesh, param_shardings  # noqa: E402
 from npo_jax.train_step import CompiledStep, batch_shardings, init_state, make_sharded_step  # noqa: E402
 
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
 PRESETS = {
     "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
@@ -58,9 +67,10 @@ PRESETS = {
                   num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=True),
     "1b-shape": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                      num_attention_heads=32, num_key_value_heads=8, head_dim=64, tie_word_embeddings=True,
-                     rope_theta=500000.0, rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
-                                                        "high_freq_factor": 4.0,
-                                                        "original_max_position_embeddings": 8192}),
+                     rope_theta=500000.0, rope_scaling=LLAMA3_ROPE),
+    "3b-shape": dict(vocab_size=128256, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
+                     num_attention_heads=24, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True,
+                     rope_theta=500000.0, rope_scaling=LLAMA3_ROPE),
 }
 
 
@@ -82,7 +92,12 @@ def random_batch(cfg: LlamaConfig, batch: int, seq: int, seed: int = 0) -> dict:
     return {"forget": group(), "retain": group(), "forget_ref_logp": rng.normal(-50, 5, batch).astype(np.float32)}
 
 
-MATMUL_N, MATMUL_TURNS = 2048, 10  # the n x n x n float32 matmul that measures each framework's peak
+MATMUL_TURNS = 10
+
+
+def matmul_size() -> int:
+    """n of the n x n x n matmul that measures each framework's peak: large enough to be compute-bound."""
+    return 2048 if jax.default_backend() == "cpu" else 8192
 
 
 def _seconds(fn) -> float:
@@ -95,8 +110,9 @@ class Worker:
     """One variant: `step()` runs one optimizer step, `matmul()` one n x n x n float32 matmul; the
     worker times them and keeps the timings (and each step's minor page faults) for `figures`."""
 
-    def __init__(self, step, matmul, n_params: int, head_params: int, head_rows: float, live: bool):
-        self.step, self.matmul = step, matmul
+    def __init__(self, step, matmul, n_params: int, head_params: int, head_rows: float, live: bool,
+                 device_peak_bytes=lambda: None):
+        self.step, self.matmul, self.device_peak_bytes = step, matmul, device_peak_bytes
         self.n_params, self.head_params, self.head_rows, self.live = n_params, head_params, head_rows, live
         self.first_s, self.times, self.faults, self.matmul_times = 0.0, [], [], []
 
@@ -122,31 +138,47 @@ class Worker:
         trained = 2 * batch * seq
         ref_tokens = batch * seq if self.live else 0
         dt = statistics.median(self.times)
-        peak = 2 * MATMUL_N**3 / statistics.median(self.matmul_times) / 1e9
+        peak = 2 * matmul_size()**3 / statistics.median(self.matmul_times) / 1e9
         gflops = (6 * self.n_params * trained + 2 * self.n_params * ref_tokens) / dt / 1e9
         body = self.n_params - self.head_params
         executed = (6 * trained + 2 * ref_tokens) * (body + self.head_params * self.head_rows) / dt / 1e9
+        device_bytes = self.device_peak_bytes()
         return {"params": self.n_params, "tokens_per_step": trained, "step_s": dt, "step_times": self.times,
                 "compile_s": self.first_s, "tokens_per_s": trained / dt, "gflops": gflops,
                 "executed_gflops": executed, "matmul_peak_gflops": peak, "fraction_of_peak": gflops / peak,
                 "executed_fraction_of_peak": executed / peak,
                 "minor_faults_per_step": statistics.median(self.faults),
-                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "peak_device_mb": None if device_bytes is None else device_bytes / 2**20}
 
 
-def jax_matmul(n: int = MATMUL_N):
-    a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n), dtype=np.float32))
+def jax_matmul(dtype, n: int):
+    a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)).astype(dtype)
     mm = jax.jit(lambda x, y: x @ y)
     mm(a, a).block_until_ready()
     return lambda: mm(a, a).block_until_ready()
 
 
-def torch_matmul(n: int = MATMUL_N):
+def jax_device_peak_bytes():
+    """Peak bytes in use on the (first) accelerator; None on the CPU, which reports no such figure."""
+    if jax.default_backend() == "cpu":
+        return None
+    return (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
+
+
+def torch_matmul(dtype, n: int, device):
     import torch
 
-    a = torch.from_numpy(np.random.default_rng(0).standard_normal((n, n), dtype=np.float32))
+    a = torch.from_numpy(np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)).to(device, dtype)
+    sync = torch.cuda.synchronize if a.is_cuda else lambda: None
     a @ a
-    return lambda: a @ a
+    sync()
+
+    def run():
+        a @ a
+        sync()
+
+    return run
 
 
 def ours(cfg: LlamaConfig, *, batch: int, seq: int, dtype: str, reference: str, remat: str) -> Worker:
@@ -175,11 +207,13 @@ def ours(cfg: LlamaConfig, *, batch: int, seq: int, dtype: str, reference: str, 
         jax.block_until_ready(metrics)
 
     head_rows = (seq - seq // 2) / seq  # label_positions: the answer half of each sequence
-    return Worker(one, jax_matmul(), n_params, cfg.vocab_size * cfg.hidden_size, head_rows, reference == "live")
+    return Worker(one, jax_matmul(compute, matmul_size()), n_params, cfg.vocab_size * cfg.hidden_size, head_rows,
+                  reference == "live", jax_device_peak_bytes)
 
 
 def pytorch(raw: dict, *, batch: int, seq: int, dtype: str) -> Worker:
-    """The open-unlearning NPO step (NPO trainer + HF Trainer defaults) in PyTorch."""
+    """The open-unlearning NPO step (NPO trainer + HF Trainer defaults) in PyTorch, on CUDA when torch has it
+    (the model built there, in `dtype` like open-unlearning's bf16 runs, optimizer state included)."""
     import copy
 
     import torch
@@ -192,14 +226,17 @@ def pytorch(raw: dict, *, batch: int, seq: int, dtype: str) -> Worker:
     tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     config = transformers.LlamaConfig(**{k: v for k, v in raw.items() if k != "model_type"},
                                       attn_implementation="sdpa")
-    model = transformers.LlamaForCausalLM(config).to(tdtype).train()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    with device:
+        model = transformers.LlamaForCausalLM(config).to(tdtype).train()
     assert model.config._attn_implementation == "sdpa"
     ref = copy.deepcopy(model).eval().requires_grad_(False)
     n_params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.01)
     host = random_batch(LlamaConfig.from_hf_dict(raw, "bench"), batch, seq)
-    forget = {k: torch.from_numpy(v).long() for k, v in host["forget"].items()}
-    retain = {k: torch.from_numpy(v).long() for k, v in host["retain"].items()}
+    forget, retain = ({k: torch.from_numpy(v).long().to(device) for k, v in host[g].items() if k != "label_positions"}
+                      for g in ("forget", "retain"))
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
 
     def one():
         with torch.no_grad():
@@ -209,9 +246,12 @@ def pytorch(raw: dict, *, batch: int, seq: int, dtype: str) -> Worker:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        sync()
 
     head = config.vocab_size * config.hidden_size
-    return Worker(one, torch_matmul(), n_params, head, 1.0, True)  # logits at every position
+    peak = (lambda: torch.cuda.max_memory_allocated()) if device.type == "cuda" else (lambda: None)
+    return Worker(one, torch_matmul(tdtype, matmul_size(), device), n_params, head, 1.0, True,  # logits everywhere
+                  peak)
 
 
 VARIANTS = ("ours_live", "ours_cached", "torch")
@@ -255,34 +295,44 @@ def _reply(proc, variant: str) -> str:
 
 
 def vs_torch(args) -> dict:
-    """All variants as live worker processes taking turns step by step; medians per variant."""
+    """Each variant a worker process; all taking turns step by step (or, with --one-at-a-time, one
+    worker after another); medians per variant."""
     argv = [sys.executable, __file__, "--batch", str(args.batch), "--seq", str(args.seq), "--dtype", args.dtype,
             "--remat", args.remat]
     argv += ["--config", str(args.config)] if args.config else ["--preset", args.preset]
     env = os.environ.copy()
     if args.hugepages:  # glibc >= 2.35: transparent huge pages for malloc's large blocks, every worker alike
         env["GLIBC_TUNABLES"] = ":".join(filter(None, [env.get("GLIBC_TUNABLES"), "glibc.malloc.hugetlb=1"]))
-    procs = {v: subprocess.Popen([*argv, "--worker", v], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                 stderr=subprocess.PIPE, text=True, env=env) for v in VARIANTS}
+
+    def start(v: str):
+        p = subprocess.Popen([*argv, "--worker", v], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=env)
+        procs[v] = p
+        _reply(p, v)  # ready: built, compiled, warmed up
+        return p
+
+    def ask(v: str, cmd: str) -> str:
+        procs[v].stdin.write(cmd + "\n")
+        procs[v].stdin.flush()
+        return _reply(procs[v], v)
+
+    def turns(variants, cmd: str, n: int) -> None:
+        k = len(variants)
+        for r in range(n):
+            for v in variants[r % k:] + variants[:r % k]:
+                time.sleep(0.2)  # let the previous worker's idle threads stop spinning
+                ask(v, cmd)
+
+    procs, res = {}, {}
     try:
-        for v, p in procs.items():
-            _reply(p, v)  # ready: built, compiled, warmed up
-
-        def turns(cmd: str, n: int) -> None:
-            for r in range(n):
-                for v in VARIANTS[r % 3:] + VARIANTS[:r % 3]:
-                    time.sleep(0.2)  # let the previous worker's idle threads stop spinning
-                    procs[v].stdin.write(cmd + "\n")
-                    procs[v].stdin.flush()
-                    _reply(procs[v], v)
-
-        turns("step", args.steps)
-        turns("matmul", MATMUL_TURNS)
-        res = {}
-        for v, p in procs.items():
-            p.stdin.write("done\n")
-            p.stdin.flush()
-            res[v] = json.loads(_reply(p, v))
+        for group in ([[v] for v in VARIANTS] if args.one_at_a_time else [list(VARIANTS)]):
+            for v in group:
+                start(v)
+            turns(group, "step", args.steps)
+            turns(group, "matmul", MATMUL_TURNS)
+            for v in group:
+                res[v] = json.loads(ask(v, "done"))
+                procs.pop(v).wait()  # its memory (a chip's, too) is free before the next worker starts
     finally:
         for p in procs.values():
             p.kill()
@@ -293,21 +343,28 @@ def vs_torch(args) -> dict:
             "rss_ratio_live": res["ours_live"]["peak_rss_mb"] / res["torch"]["peak_rss_mb"]}
 
 
+def _mb(x) -> str:
+    return "-" if x is None else f"{x:.0f}"
+
+
 def print_table(res: dict, args) -> None:
     name = args.config or args.preset
     print(f"{name}: {res['torch']['params'] / 1e6:.1f}M params, {args.dtype}, batch {args.batch}+{args.batch} x "
-          f"{args.seq}, {args.steps} steps each (in turns), {os.cpu_count()} CPUs"
+          f"{args.seq}, {args.steps} steps each ({'one variant at a time' if args.one_at_a_time else 'in turns'}), "
+          f"{os.cpu_count()} CPUs"
           f"{', huge pages' if args.hugepages else ''}")
     print("(model GFLOP/s: 6N per trained token + 2N per reference token; executed: the LM head counted only on\n"
           " the rows it runs on, answer positions for ours, every position for torch)")
     print(f"{'variant':<12} {'tokens/s':>9} {'vs torch':>9} {'model GF/s':>10} {'of peak':>8} {'executed GF/s':>13} "
-          f"{'of peak':>8} {'matmul peak':>12} {'peak RSS MB':>12} {'compile s':>10} {'faults/step':>12}")
+          f"{'of peak':>8} {'matmul peak':>12} {'peak RSS MB':>12} {'device MB':>10} {'compile s':>10} "
+          f"{'faults/step':>12}")
     for v in VARIANTS:
         r = res[v]
         print(f"{v:<12} {r['tokens_per_s']:9.1f} {r['tokens_per_s'] / res['torch']['tokens_per_s']:8.2f}x "
               f"{r['gflops']:10.1f} {r['fraction_of_peak']:8.1%} {r['executed_gflops']:13.1f} "
               f"{r['executed_fraction_of_peak']:8.1%} {r['matmul_peak_gflops']:12.1f} "
-              f"{r['peak_rss_mb']:12.0f} {r['compile_s']:10.1f} {r['minor_faults_per_step']:12.0f}")
+              f"{r['peak_rss_mb']:12.0f} {_mb(r['peak_device_mb']):>10} {r['compile_s']:10.1f} "
+              f"{r['minor_faults_per_step']:12.0f}")
 
 
 def main() -> None:
@@ -322,6 +379,8 @@ def main() -> None:
                     help="our step's remat policy (the trainer's default: dots)")
     ap.add_argument("--steps", type=int, default=15, help="timed steps per variant, after compile and one warm-up")
     ap.add_argument("--vs-torch", action="store_true", help="ours (live, cached) and the PyTorch step, side by side")
+    ap.add_argument("--one-at-a-time", action="store_true",
+                    help="with --vs-torch: the variants one after another, not in turns (one accelerator's memory)")
     ap.add_argument("--hugepages", action="store_true",
                     help="with --vs-torch: run every worker with GLIBC_TUNABLES=glibc.malloc.hugetlb=1")
     ap.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
