@@ -23,6 +23,7 @@ import contextlib
 import errno
 import json
 import math
+import re
 import shutil
 import signal
 import threading
@@ -131,9 +132,16 @@ def _tokenize_split(tokenizer, rows, fmt: ChatFormat, max_length: int):
     return examples, sum(e.truncated for e in examples)
 
 
+_TENSORSTORE_SPEC = re.compile(r"\s*\[tensorstore_spec='[^']*'\]")
+
+
 def _first_line(e: BaseException, head: int = 150, tail: int = 350) -> str:
-    """The error's first line, its middle elided if long (tensorstore puts the OS reason at the end)."""
+    """The error's first line without tensorstore's spec dump, its middle elided if long.
+
+    Tensorstore ends its errors with the OS reason ("File too large [os_error_code='27']") and then
+    the whole spec of the array (often over 1000 characters); the reason is what a user needs."""
     text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    text = _TENSORSTORE_SPEC.sub("", text)
     return text if len(text) <= head + tail else f"{text[:head]} ... {text[-tail:]}"
 
 

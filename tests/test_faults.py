@@ -470,6 +470,22 @@ def file_size_limit():
     signal.signal(signal.SIGXFSZ, old_handler)
 
 
+def test_save_error_keeps_the_os_reason_of_a_tensorstore_error():
+    """Tensorstore ends its errors with the OS reason, then the array's whole spec: the message keeps
+    the reason. (A fresh-clone CI run lost it: the middle elision kept only the spec's end.)"""
+    path = "/tmp/pytest-of-root/pytest-0/test_disk_full_during_save_rep0/run/checkpoints/3.orbax-checkpoint-tmp"
+    spec = '{\\"context\\":{\\"cache_pool\\":{}},' + ",".join(f'\\"k{i}\\":{i}' for i in range(150)) + "}"
+    error = ValueError(f'OUT_OF_RANGE: Error opening "zarr" driver: Error writing "params.layers.scale/.zarray" in '
+                       f'OCDBT database at local file "{path}/ocdbt.process_0/": Failed writing: "{path}/d/de92": '
+                       f"Failed to write 77545 bytes to file 23: File too large [os_error_code='27'] "
+                       f"[tensorstore_spec='{spec}']")
+    assert len(str(error)) > 1500
+    line = train_module._first_line(error)
+    assert line.startswith("OUT_OF_RANGE: Error opening") and "tensorstore_spec" not in line, line
+    assert line.endswith("File too large [os_error_code='27']") and len(line) <= 505, line
+    assert train_module._out_of_space(error)
+
+
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # orbax's event loop, after the failure
 def test_disk_full_during_save_reports_and_keeps_previous(mini, tmp_path, file_size_limit, capfd):
     out = tmp_path / "run"
