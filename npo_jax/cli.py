@@ -109,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run(args) -> None:
+    if args.command in ("demo", "sweep", "unlearn", "finetune"):
+        from npo_jax.memory import reuse_host_memory
+
+        reuse_host_memory()  # before jax's first computation starts its threads
     if args.command == "demo":
         from npo_jax.demo import run_demo
 

@@ -53,6 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from npo_jax.config import LlamaConfig, read_config_dict  # noqa: E402
 from npo_jax.data.batches import label_positions  # noqa: E402
 from npo_jax.losses import Objective  # noqa: E402
+from npo_jax.memory import reuse_host_memory  # noqa: E402
 from npo_jax.model import LlamaForCausalLM, split_params  # noqa: E402
 from npo_jax.optim import make_optimizer  # noqa: E402
 from npo_jax.sharding import make_mesh, param_shardings  # noqa: E402
@@ -182,6 +183,7 @@ def torch_matmul(dtype, n: int, device):
 
 
 def ours(cfg: LlamaConfig, *, batch: int, seq: int, dtype: str, reference: str, remat: str) -> Worker:
+    reuse_host_memory()  # glibc configured as `npo-jax unlearn` does it, before the first jax computation
     compute = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
     graphdef, params = build(cfg, compute, remat)
     mesh = make_mesh(1, 1, 1)
