@@ -109,10 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run(args) -> None:
-    if args.command in ("demo", "sweep", "unlearn", "finetune"):
-        from npo_jax.memory import reuse_host_memory
+    if args.command in ("sweep", "unlearn", "finetune"):
+        from npo_jax.memory import jax_runs_on_cpu, reuse_host_memory
 
-        reuse_host_memory()  # before jax's first computation starts its threads
+        if jax_runs_on_cpu():  # training on XLA:CPU; before jax's first computation starts its threads
+            reuse_host_memory()
     if args.command == "demo":
         from npo_jax.demo import run_demo
 

@@ -9,7 +9,9 @@
 One optimizer step = forward + backward over `batch` forget and `batch` retain sequences of
 `seq` tokens (random ids, the first half of each sequence masked as the prompt), gradient
 clipping and an AdamW update. Variants, each in its own long-lived process (so peak resident
-memory is its own):
+memory is its own; ours on a CPU with glibc set to reuse freed memory, as `npo-jax unlearn` sets it,
+`npo_jax.memory.reuse_host_memory`; torch as a user runs it, or with `--torch-reuse-memory` set the
+same way):
   ours_live    our jit step, NPO with a frozen reference copy (the same work as torch)
   ours_cached  our jit step, NPO with cached reference log-probs (no reference forward)
   torch        transformers.LlamaForCausalLM (sdpa attention), open-unlearning's formulas
@@ -53,7 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from npo_jax.config import LlamaConfig, read_config_dict  # noqa: E402
 from npo_jax.data.batches import label_positions  # noqa: E402
 from npo_jax.losses import Objective  # noqa: E402
-from npo_jax.memory import reuse_host_memory  # noqa: E402
+from npo_jax.memory import jax_runs_on_cpu, reuse_host_memory  # noqa: E402
 from npo_jax.model import LlamaForCausalLM, split_params  # noqa: E402
 from npo_jax.optim import make_optimizer  # noqa: E402
 from npo_jax.sharding import make_mesh, param_shardings  # noqa: E402
@@ -182,8 +184,10 @@ def torch_matmul(dtype, n: int, device):
     return run
 
 
-def ours(cfg: LlamaConfig, *, batch: int, seq: int, dtype: str, reference: str, remat: str) -> Worker:
-    reuse_host_memory()  # glibc configured as `npo-jax unlearn` does it, before the first jax computation
+def ours(cfg: LlamaConfig, *, batch: int, seq: int, dtype: str, reference: str, remat: str,
+         reuse_memory: bool = True) -> Worker:
+    if reuse_memory and jax_runs_on_cpu():  # glibc as `npo-jax unlearn` sets it, before the first jax computation
+        reuse_host_memory()
     compute = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
     graphdef, params = build(cfg, compute, remat)
     mesh = make_mesh(1, 1, 1)
@@ -213,11 +217,13 @@ def ours(cfg: LlamaConfig, *, batch: int, seq: int, dtype: str, reference: str, 
                   reference == "live", jax_device_peak_bytes)
 
 
-def pytorch(raw: dict, *, batch: int, seq: int, dtype: str) -> Worker:
+def pytorch(raw: dict, *, batch: int, seq: int, dtype: str, reuse_memory: bool = False) -> Worker:
     """The open-unlearning NPO step (NPO trainer + HF Trainer defaults) in PyTorch, on CUDA when torch has it
     (the model built there, in `dtype` like open-unlearning's bf16 runs, optimizer state included)."""
     import copy
 
+    if reuse_memory:  # a what-if (--torch-reuse-memory): not what an open-unlearning user runs
+        reuse_host_memory()
     import torch
     import transformers
 
@@ -257,15 +263,16 @@ def pytorch(raw: dict, *, batch: int, seq: int, dtype: str) -> Worker:
 
 
 VARIANTS = ("ours_live", "ours_cached", "torch")
+PLAIN_MALLOC = "ours_cached_plain_glibc"  # --malloc-ab: our cached step without reuse_host_memory
 
 
 def make_worker(variant: str, args) -> Worker:
     raw = model_dict(args)
     if variant == "torch":
-        return pytorch(raw, batch=args.batch, seq=args.seq, dtype=args.dtype)
+        return pytorch(raw, batch=args.batch, seq=args.seq, dtype=args.dtype, reuse_memory=args.torch_reuse_memory)
     cfg = LlamaConfig.from_hf_dict(raw, str(args.config or args.preset))
     return ours(cfg, batch=args.batch, seq=args.seq, dtype=args.dtype, remat=args.remat,
-                reference="live" if variant == "ours_live" else "cached")
+                reference="live" if variant == "ours_live" else "cached", reuse_memory=variant != PLAIN_MALLOC)
 
 
 def model_dict(args) -> dict:
@@ -300,7 +307,7 @@ def vs_torch(args) -> dict:
     """Each variant a worker process; all taking turns step by step (or, with --one-at-a-time, one
     worker after another); medians per variant."""
     argv = [sys.executable, __file__, "--batch", str(args.batch), "--seq", str(args.seq), "--dtype", args.dtype,
-            "--remat", args.remat]
+            "--remat", args.remat] + (["--torch-reuse-memory"] if args.torch_reuse_memory else [])
     argv += ["--config", str(args.config)] if args.config else ["--preset", args.preset]
     env = os.environ.copy()
     if args.hugepages:  # glibc >= 2.35: transparent huge pages for malloc's large blocks, every worker alike
@@ -327,7 +334,8 @@ def vs_torch(args) -> dict:
 
     procs, res = {}, {}
     try:
-        for group in ([[v] for v in VARIANTS] if args.one_at_a_time else [list(VARIANTS)]):
+        variants = [*VARIANTS, PLAIN_MALLOC] if args.malloc_ab else list(VARIANTS)
+        for group in ([[v] for v in variants] if args.one_at_a_time else [variants]):
             for v in group:
                 start(v)
             turns(group, "step", args.steps)
@@ -353,16 +361,16 @@ def print_table(res: dict, args) -> None:
     name = args.config or args.preset
     print(f"{name}: {res['torch']['params'] / 1e6:.1f}M params, {args.dtype}, batch {args.batch}+{args.batch} x "
           f"{args.seq}, {args.steps} steps each ({'one variant at a time' if args.one_at_a_time else 'in turns'}), "
-          f"{os.cpu_count()} CPUs"
+          f"{os.cpu_count()} CPUs{', torch with our glibc settings' if args.torch_reuse_memory else ''}"
           f"{', huge pages' if args.hugepages else ''}")
     print("(model GFLOP/s: 6N per trained token + 2N per reference token; executed: the LM head counted only on\n"
           " the rows it runs on, answer positions for ours, every position for torch)")
-    print(f"{'variant':<12} {'tokens/s':>9} {'vs torch':>9} {'model GF/s':>10} {'of peak':>8} {'executed GF/s':>13} "
+    print(f"{'variant':<23} {'tokens/s':>9} {'vs torch':>9} {'model GF/s':>10} {'of peak':>8} {'executed GF/s':>13} "
           f"{'of peak':>8} {'matmul peak':>12} {'peak RSS MB':>12} {'device MB':>10} {'compile s':>10} "
           f"{'faults/step':>12}")
-    for v in VARIANTS:
+    for v in (v for v in (*VARIANTS, PLAIN_MALLOC) if v in res):
         r = res[v]
-        print(f"{v:<12} {r['tokens_per_s']:9.1f} {r['tokens_per_s'] / res['torch']['tokens_per_s']:8.2f}x "
+        print(f"{v:<23} {r['tokens_per_s']:9.1f} {r['tokens_per_s'] / res['torch']['tokens_per_s']:8.2f}x "
               f"{r['gflops']:10.1f} {r['fraction_of_peak']:8.1%} {r['executed_gflops']:13.1f} "
               f"{r['executed_fraction_of_peak']:8.1%} {r['matmul_peak_gflops']:12.1f} "
               f"{r['peak_rss_mb']:12.0f} {_mb(r['peak_device_mb']):>10} {r['compile_s']:10.1f} "
@@ -385,7 +393,12 @@ def main() -> None:
                     help="with --vs-torch: the variants one after another, not in turns (one accelerator's memory)")
     ap.add_argument("--hugepages", action="store_true",
                     help="with --vs-torch: run every worker with GLIBC_TUNABLES=glibc.malloc.hugetlb=1")
-    ap.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
+    ap.add_argument("--torch-reuse-memory", action="store_true",
+                    help="with --vs-torch: glibc in the torch worker set as ours (npo_jax.memory.reuse_host_memory); "
+                         "a what-if, not what an open-unlearning user runs")
+    ap.add_argument("--malloc-ab", action="store_true",
+                    help=f"with --vs-torch: a fourth worker, {PLAIN_MALLOC} (our cached step with glibc's defaults)")
+    ap.add_argument("--worker", choices=(*VARIANTS, PLAIN_MALLOC), help=argparse.SUPPRESS)
     ap.add_argument("--json", action="store_true", help="also print the figures as one JSON object (last line)")
     args = ap.parse_args()
     if args.worker:

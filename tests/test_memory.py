@@ -37,3 +37,17 @@ def test_reuse_host_memory_stops_fresh_page_faults():
     # a fresh 64 MB mapping faults at least once per 2 MB huge page, more with 4 KB pages
     assert default >= 32, default
     assert reused < 4, (reused, default)
+
+
+def test_jax_runs_on_cpu_is_told_without_starting_jax(monkeypatch, tmp_path):
+    from npo_jax.memory import jax_runs_on_cpu
+
+    monkeypatch.setenv("JAX_PLATFORMS", "cuda,cpu")
+    assert not jax_runs_on_cpu()
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    assert jax_runs_on_cpu()
+    monkeypatch.delenv("JAX_PLATFORMS")
+    (tmp_path / "jax_plugins" / "xla_cuda12").mkdir(parents=True)  # how jax's CUDA plugin installs itself
+    (tmp_path / "jax_plugins" / "xla_cuda12" / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert not jax_runs_on_cpu()
