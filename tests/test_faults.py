@@ -196,7 +196,11 @@ def test_sigint_finishes_the_step_and_saves(mini, straight, tmp_path, monkeypatc
 
 
 def test_sigkill_during_checkpoint_saves(mini, straight, tmp_path, compile_cache):
-    """Kill a run that saves every step at random moments, resume it each time, then finish it."""
+    """Kill a run that saves every step at random moments, resume it each time, then finish it.
+
+    Every other kill comes as soon as a save is in flight (its temporary folder exists): how much
+    of a run is spent saving depends on the host (with training's glibc setting, random kills hit
+    a save 4-5 times in 10 here, 7 times without)."""
     out, rng, kills = tmp_path / "run", random.Random(0), 10
     ckpt = out / "checkpoints"
     extra = ("checkpoint.every_steps=1", "checkpoint.keep=2")
@@ -207,7 +211,10 @@ def test_sigkill_during_checkpoint_saves(mini, straight, tmp_path, compile_cache
         proc = _spawn([*_cli(mini, out, *extra), *(["--resume"] if i else [])], log, compile_cache,
                       FAULT_FED_LOG=fed)
         _wait_for(lambda f=fed: _lines(f) >= 2, proc, log)  # the first step of this process is done
-        time.sleep(rng.uniform(0.0, 0.6))
+        if i % 2:
+            time.sleep(rng.uniform(0.0, 0.6))
+        else:
+            _wait_for(lambda: any(ORBAX_TMP in p.name for p in ckpt.iterdir()), proc, log)
         proc.kill()
         code, text = _finish(proc, log)
         assert code == -signal.SIGKILL, text
