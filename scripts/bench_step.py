@@ -110,7 +110,7 @@ def _seconds(fn) -> float:
 
 
 class Worker:
-    """One variant: `step()` runs one optimizer step, `matmul()` one n x n x n float32 matmul; the
+    """One variant: `step()` runs one optimizer step, `matmul()` one n x n x n matmul (step dtype); the
     worker times them and keeps the timings (and each step's minor page faults) for `figures`."""
 
     def __init__(self, step, matmul, n_params: int, head_params: int, head_rows: float, live: bool,
