@@ -110,10 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _run(args) -> None:
     if args.command in ("sweep", "unlearn", "finetune"):
-        from npo_jax.memory import jax_runs_on_cpu, reuse_host_memory
+        from npo_jax.memory import reuse_host_memory
 
-        if jax_runs_on_cpu():  # training on XLA:CPU; before jax's first computation starts its threads
-            reuse_host_memory()
+        reuse_host_memory()  # training on XLA:CPU; before jax's first computation starts its threads
     if args.command == "demo":
         from npo_jax.demo import run_demo
 

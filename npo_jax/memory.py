@@ -51,10 +51,12 @@ def reuse_host_memory() -> bool:
     against 5.6 s), so it is for runs of many steps, not for the compile-bound demo. Call it
     before jax starts its threads, i.e. before the process's first jax computation: threads that
     already have an arena keep it (and XLA:CPU allocates the step's temporaries on one of its
-    own). Returns whether glibc took the settings.
+    own). Does nothing when jax will run on an accelerator (`jax_runs_on_cpu`), where the step's
+    temporaries live on the chip and only the compile cost would remain. Returns whether glibc
+    took the settings.
     """
     libc = _libc()
-    if libc is None or not hasattr(libc, "mallopt"):
+    if libc is None or not hasattr(libc, "mallopt") or not jax_runs_on_cpu():
         return False
     settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1))
     return all(libc.mallopt(param, value) == 1 for param, value in settings)

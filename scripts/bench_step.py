@@ -55,7 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from npo_jax.config import LlamaConfig, read_config_dict  # noqa: E402
 from npo_jax.data.batches import label_positions  # noqa: E402
 from npo_jax.losses import Objective  # noqa: E402
-from npo_jax.memory import jax_runs_on_cpu, reuse_host_memory  # noqa: E402
+from npo_jax.memory import reuse_host_memory  # noqa: E402
 from npo_jax.model import LlamaForCausalLM, split_params  # noqa: E402
 from npo_jax.optim import make_optimizer  # noqa: E402
 from npo_jax.sharding import make_mesh, param_shardings  # noqa: E402
@@ -186,7 +186,7 @@ def torch_matmul(dtype, n: int, device):
 
 def ours(cfg: LlamaConfig, *, batch: int, seq: int, dtype: str, reference: str, remat: str,
          reuse_memory: bool = True) -> Worker:
-    if reuse_memory and jax_runs_on_cpu():  # glibc as `npo-jax unlearn` sets it, before the first jax computation
+    if reuse_memory:  # glibc as `npo-jax unlearn` sets it (on a CPU), before the first jax computation
         reuse_host_memory()
     compute = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
     graphdef, params = build(cfg, compute, remat)
@@ -313,12 +313,10 @@ def vs_torch(args) -> dict:
     if args.hugepages:  # glibc >= 2.35: transparent huge pages for malloc's large blocks, every worker alike
         env["GLIBC_TUNABLES"] = ":".join(filter(None, [env.get("GLIBC_TUNABLES"), "glibc.malloc.hugetlb=1"]))
 
-    def start(v: str):
-        p = subprocess.Popen([*argv, "--worker", v], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, env=env)
-        procs[v] = p
-        _reply(p, v)  # ready: built, compiled, warmed up
-        return p
+    def start(v: str) -> None:
+        procs[v] = subprocess.Popen([*argv, "--worker", v], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True, env=env)
+        _reply(procs[v], v)  # ready: built, compiled, warmed up
 
     def ask(v: str, cmd: str) -> str:
         procs[v].stdin.write(cmd + "\n")
