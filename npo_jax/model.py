@@ -97,9 +97,10 @@ class Attention(nnx.Module):
         v = self.v_proj(x).reshape(b, t, kvh, d).transpose(0, 2, 1, 3)
         if kv_cache is not None:
             k_all, v_all = kv_cache
-            k = jax.lax.dynamic_update_slice(k_all, k.astype(k_all.dtype), (0, 0, cache_index, 0))
-            v = jax.lax.dynamic_update_slice(v_all, v.astype(v_all.dtype), (0, 0, cache_index, 0))
-            kv_cache = (k, v)
+            new_kv = (k.astype(k_all.dtype), v.astype(v_all.dtype))
+            k = jax.lax.dynamic_update_slice(k_all, new_kv[0], (0, 0, cache_index, 0))
+            v = jax.lax.dynamic_update_slice(v_all, new_kv[1], (0, 0, cache_index, 0))
+            kv_cache = new_kv
         # Grouped-query attention without repeating K/V: the g query heads that share a KV head
         # (HF's repeat_kv order) are stacked along the query axis, so each (batch, KV head) is
         # one (g*t, d) x (d, s) matmul; on XLA:CPU this runs 1.2-1.8x faster than a 5-d einsum.
@@ -111,7 +112,7 @@ class Attention(nnx.Module):
         probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype).reshape(b, kvh, g * t, s)
         out = jnp.einsum("bkms,bksd->bkmd", probs, v).reshape(b, kvh, g, t, d)
         out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, kvh * g * d)
-        return self.o_proj(out), kv_cache
+        return self.o_proj(out), kv_cache  # with a cache: this call's keys and values only
 
 
 class MLP(nnx.Module):
@@ -211,8 +212,11 @@ class LlamaForCausalLM(nnx.Module):
         if self.remat != "none":
             body = jax.checkpoint(body, policy=policy, prevent_cse=False)
         kv_in = None if cache is None else (cache.k, cache.v)
-        x, kv_out = jax.lax.scan(body, x, (layer_state, kv_in))
-        new_cache = None if cache is None else KVCache(*kv_out)
+        x, kv_new = jax.lax.scan(body, x, (layer_state, kv_in))
+        # the layers return only the new slots, written here into the stacked cache: stacking
+        # every layer's whole cache as the scan's output would copy all of it per decode step
+        new_cache = None if cache is None else KVCache(*(
+            jax.lax.dynamic_update_slice(c, n, (0, 0, 0, cache_index, 0)) for c, n in zip(cache, kv_new, strict=True)))
         return self.norm(x), new_cache
 
     def logits(self, h):
