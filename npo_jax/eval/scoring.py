@@ -30,8 +30,9 @@ from npo_jax.logprobs import token_logprobs_and_argmax
 from npo_jax.losses import train_hidden
 from npo_jax.model import KVCache, merge_params
 
-# generation prompts are left padded to a multiple of this: the prefill is a large part of a
-# short generation's cost, so finer than the scoring buckets (more compiled shapes)
+# prompts (prefilled for generation, or once per distinct prompt for scoring) are padded to a
+# multiple of this: the prefill is a large part of their cost, so finer than the scoring
+# buckets (more compiled shapes)
 PROMPT_MULTIPLE = 16
 
 
@@ -84,6 +85,11 @@ def _score_on_prompts(graphdef, params, prompts, rows, ids, mask, labels, offset
     return token_logprobs_and_argmax(model.logits, h, labels)
 
 
+def _rows(n: int, batch_size: int) -> int:
+    """Rows a batch of n runs as: the batch size, or the next power of two for a part-filled one."""
+    return min(batch_size, 1 << (n - 1).bit_length())
+
+
 def _prompt_split(ex: Example) -> int:
     """Where an example's answer starts: its first labelled token (at least one token each side)."""
     labelled = np.flatnonzero(ex.labels != IGNORE)
@@ -104,7 +110,7 @@ class Scorer:
     max_new_tokens: int = 200
     # None: run each distinct prompt once when prompts repeat (on average twice or more per call)
     share_prompts: bool | None = None
-    answer_buckets: tuple = (8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+    answer_buckets: tuple = (4, 8, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64, 96, 128, 192, 256, 384, 512)
 
     @property
     def pad_id(self) -> int:
@@ -157,9 +163,11 @@ class Scorer:
         pending = []
         for start in range(0, len(groups), self.batch_size):
             chunk = groups[start:start + self.batch_size]
-            firsts = [g[0] for g in chunk] + [chunk[-1][0]] * (self.batch_size - len(chunk))  # one shape per bucket
+            # a part-filled chunk prefills as few rows as the next power of two (a compile of its own)
+            firsts = [g[0] for g in chunk] + [chunk[-1][0]] * (_rows(len(chunk), self.batch_size) - len(chunk))
             batch = self._pad([Example(examples[i].input_ids[:splits[i]], examples[i].labels[:splits[i]])
-                               for i in firsts], self.buckets)
+                               for i in firsts], range(PROMPT_MULTIPLE, self.buckets[-1] + PROMPT_MULTIPLE,
+                                                       PROMPT_MULTIPLE))
             last = np.asarray([splits[i] - 1 for i in firsts], np.int32)
             mask = jnp.asarray(batch["attention_mask"])
             prompts = (*_prefill_prompts(self.graphdef, self.params, batch["input_ids"], mask, last), mask)
@@ -204,7 +212,7 @@ class Scorer:
             chunk = [prompts[i] for i in idx]
             # a part-filled last batch decodes as few rows as the next power of two (a compile of its
             # own): every decode step streams all weights whatever the row count
-            chunk += [chunk[-1]] * (min(self.batch_size, 1 << (len(chunk) - 1).bit_length()) - len(chunk))
+            chunk += [chunk[-1]] * (_rows(len(chunk), self.batch_size) - len(chunk))
             width = -(-max(len(p) for p in chunk) // PROMPT_MULTIPLE) * PROMPT_MULTIPLE
             ids = np.full((len(chunk), width), self.pad_id, np.int32)
             mask = np.zeros_like(ids)
