@@ -205,3 +205,30 @@ def test_eval_bad_input(trained, tmp_path, capsys):
     ref.write_text("{not json")
     _fails(capsys, ["eval", "--from-log", str(log), "--retain-logs", str(ref), "--out", str(out)],
            "not valid JSON", out)
+
+
+def test_make_random_hf_gives_the_preset_shape_with_the_folders_tokenizer(trained, tmp_path):
+    """scripts/make_random_hf.py: the preset's shape (head_dim from the preset, not from --like),
+    --like's tokenizer and special ids, a folder both evaluators load and agree on."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from bench_step import PRESETS
+
+    _, _, hf_dir = trained
+    out = tmp_path / "tiny_hf"
+    script = Path(__file__).resolve().parents[1] / "scripts" / "make_random_hf.py"
+    subprocess.run([sys.executable, str(script), str(out), "--like", str(hf_dir), "--preset", "tiny"], check=True)
+    cfg, like = (json.loads((d / "config.json").read_text()) for d in (out, hf_dir))
+    for key, value in PRESETS["tiny"].items():
+        assert cfg[key] == value, key
+    assert cfg["head_dim"] == PRESETS["tiny"]["hidden_size"] // PRESETS["tiny"]["num_attention_heads"]
+    assert cfg["eos_token_id"] == like["eos_token_id"] and not (tmp_path / "tiny_hf.tmp").exists()
+    assert (out / "tokenizer.json").read_bytes() == (hf_dir / "tokenizer.json").read_bytes()
+    scorer = load_scorer(out, batch_size=4, max_new_tokens=4)
+    hf = transformers.LlamaForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    pairs = [("Who wrote it?", "Nobody did."), ("Where?", "Here and there, mostly there.")]
+    for ours, (q, a) in zip(scorer.score_answers(pairs), pairs, strict=True):
+        np.testing.assert_allclose(ours.avg_loss, hf_score(hf, scorer.tokenizer, q, a)["avg_loss"], rtol=1e-4)
