@@ -14,8 +14,11 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_step import PRESETS  # noqa: E402
+
+from npo_jax.fs import atomic_output_dir  # noqa: E402
 
 KEEP = ("bos_token_id", "eos_token_id", "pad_token_id", "rms_norm_eps", "torch_dtype", "dtype")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
@@ -37,14 +40,11 @@ def main() -> None:
     cfg = {k: like[k] for k in KEEP if k in like} | PRESETS[args.preset]
     torch.manual_seed(args.seed)
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg)).eval()
-    tmp = args.out.with_name(args.out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    for name in TOKENIZER_FILES:
-        if (args.like / name).is_file():
-            shutil.copy(args.like / name, tmp / name)
-    shutil.rmtree(args.out, ignore_errors=True)
-    tmp.rename(args.out)
+    with atomic_output_dir(args.out, overwrite=True) as tmp:
+        model.save_pretrained(tmp)
+        for name in TOKENIZER_FILES:
+            if (args.like / name).is_file():
+                shutil.copy(args.like / name, tmp / name)
     n = sum(p.numel() for p in model.parameters())
     print(f"{args.out}: {args.preset}, {n / 1e6:.1f}M params, random (seed {args.seed}), tokenizer of {args.like}")
 

@@ -225,7 +225,8 @@ def test_make_random_hf_gives_the_preset_shape_with_the_folders_tokenizer(traine
     for key, value in PRESETS["tiny"].items():
         assert cfg[key] == value, key
     assert cfg["head_dim"] == PRESETS["tiny"]["hidden_size"] // PRESETS["tiny"]["num_attention_heads"]
-    assert cfg["eos_token_id"] == like["eos_token_id"] and not (tmp_path / "tiny_hf.tmp").exists()
+    assert cfg["eos_token_id"] == like["eos_token_id"]
+    assert [p.name for p in tmp_path.iterdir()] == ["tiny_hf"]  # no temporary folder left beside it
     assert (out / "tokenizer.json").read_bytes() == (hf_dir / "tokenizer.json").read_bytes()
     scorer = load_scorer(out, batch_size=4, max_new_tokens=4)
     hf = transformers.LlamaForCausalLM.from_pretrained(out, dtype=torch.float32).eval()

@@ -85,6 +85,10 @@ def _score_on_prompts(graphdef, params, prompts, rows, ids, mask, labels, offset
     return token_logprobs_and_argmax(model.logits, h, labels)
 
 
+def _prompt_width(n: int) -> int:
+    return -(-n // PROMPT_MULTIPLE) * PROMPT_MULTIPLE
+
+
 def _rows(n: int, batch_size: int) -> int:
     """Rows a batch of n runs as: the batch size, or the next power of two for a part-filled one."""
     return min(batch_size, 1 << (n - 1).bit_length())
@@ -166,8 +170,7 @@ class Scorer:
             # a part-filled chunk prefills as few rows as the next power of two (a compile of its own)
             firsts = [g[0] for g in chunk] + [chunk[-1][0]] * (_rows(len(chunk), self.batch_size) - len(chunk))
             batch = self._pad([Example(examples[i].input_ids[:splits[i]], examples[i].labels[:splits[i]])
-                               for i in firsts], range(PROMPT_MULTIPLE, self.buckets[-1] + PROMPT_MULTIPLE,
-                                                       PROMPT_MULTIPLE))
+                               for i in firsts], (_prompt_width(max(splits[i] for i in firsts)),))
             last = np.asarray([splits[i] - 1 for i in firsts], np.int32)
             mask = jnp.asarray(batch["attention_mask"])
             prompts = (*_prefill_prompts(self.graphdef, self.params, batch["input_ids"], mask, last), mask)
@@ -213,7 +216,7 @@ class Scorer:
             # a part-filled last batch decodes as few rows as the next power of two (a compile of its
             # own): every decode step streams all weights whatever the row count
             chunk += [chunk[-1]] * (_rows(len(chunk), self.batch_size) - len(chunk))
-            width = -(-max(len(p) for p in chunk) // PROMPT_MULTIPLE) * PROMPT_MULTIPLE
+            width = _prompt_width(max(len(p) for p in chunk))
             ids = np.full((len(chunk), width), self.pad_id, np.int32)
             mask = np.zeros_like(ids)
             for row, p in enumerate(chunk):
