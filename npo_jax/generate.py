@@ -40,19 +40,17 @@ def sample_next(logits, rng, temperature: float, top_p: float):
     return jax.random.categorical(rng, logits, axis=-1)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "eos_ids", "pad_id",
-                                             "temperature", "top_p", "cache_dtype"))
-def _generate(params, input_ids, attention_mask, rng, *, graphdef, max_new_tokens, eos_ids, pad_id,
-              temperature, top_p, cache_dtype):
-    model = merge_params(graphdef, params)
-    b, p = input_ids.shape
-    slots = p + max_new_tokens
-    mask = jnp.concatenate([attention_mask, jnp.zeros((b, max_new_tokens), attention_mask.dtype)], axis=1)
-    positions = jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0)
-    cache = KVCache.zeros(model.config, b, slots, cache_dtype)
-    h, cache = model.hidden_states(input_ids, mask, positions, cache, cache_index=0)
-    logits = model.logits(h[:, -1])
-    next_pos = jnp.sum(attention_mask, axis=-1)
+def decode(model, cache: KVCache, mask, logits, positions, rng, done, *, max_new_tokens, eos_ids, pad_id,
+           temperature, top_p):
+    """The decode loop after a prefill: `cache` (stacked) holds the prompts in its slots, `mask`
+    (b, slots) marks their real ones (left or right padded alike), `logits` (b, vocab) predict
+    each row's first new token, which gets position `positions` (b,). Rows `done` from the start
+    only produce `pad_id` (and do not keep the loop going). Returns (tokens (b, max_new), steps)."""
+    b, p = mask.shape
+    cache = KVCache(*(jnp.concatenate([c, jnp.zeros((*c.shape[:3], max_new_tokens, c.shape[4]), c.dtype)], axis=3)
+                      for c in cache)).unstacked()
+    mask = jnp.concatenate([mask, jnp.zeros((b, max_new_tokens), mask.dtype)], axis=1)
+    layers = model.unstacked_layers()
     eos = jnp.asarray(eos_ids, jnp.int32)
 
     def cond(state):
@@ -67,13 +65,27 @@ def _generate(params, input_ids, attention_mask, rng, *, graphdef, max_new_token
         out = out.at[:, i].set(tok)
         done = done | jnp.isin(tok, eos)
         mask = mask.at[:, p + i].set(1)
-        h, cache = model.hidden_states(tok[:, None], mask, pos[:, None], cache, cache_index=p + i)
+        h, cache = model.hidden_states(tok[:, None], mask, pos[:, None], cache, cache_index=p + i, layers=layers)
         return i + 1, model.logits(h[:, -1]), cache, mask, done, out, pos + 1, rng
 
     out = jnp.full((b, max_new_tokens), pad_id, jnp.int32)
-    state = (jnp.int32(0), logits, cache, mask, jnp.zeros((b,), bool), out, next_pos, rng)
+    state = (jnp.int32(0), logits, cache, mask, done, out, positions, rng)
     steps, _, _, _, _, out, _, _ = jax.lax.while_loop(cond, body, state)
     return out, steps
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "eos_ids", "pad_id",
+                                             "temperature", "top_p", "cache_dtype"))
+def _generate(params, input_ids, attention_mask, rng, *, graphdef, max_new_tokens, eos_ids, pad_id,
+              temperature, top_p, cache_dtype):
+    model = merge_params(graphdef, params)
+    b, p = input_ids.shape
+    positions = jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0)
+    cache = KVCache.zeros(model.config, b, p, cache_dtype)
+    h, cache = model.hidden_states(input_ids, attention_mask, positions, cache, cache_index=0)
+    return decode(model, cache, attention_mask, model.logits(h[:, -1]), jnp.sum(attention_mask, axis=-1), rng,
+                  jnp.zeros((b,), bool), max_new_tokens=max_new_tokens, eos_ids=eos_ids, pad_id=pad_id,
+                  temperature=temperature, top_p=top_p)
 
 
 def generate(graphdef, params, input_ids, attention_mask, *, max_new_tokens: int, eos_ids=None,
@@ -95,8 +107,13 @@ def generate(graphdef, params, input_ids, attention_mask, *, max_new_tokens: int
         temperature=float(temperature), top_p=float(top_p),
         cache_dtype=jnp.dtype(cache_dtype or model.compute_dtype),
     )
+    return finished(out, steps, eos_ids)
+
+
+def finished(out, steps, eos_ids) -> Generation:
+    """`decode`'s output on the host, with each row's length (up to its first eos, included)."""
     out = np.asarray(out)
-    finished = np.isin(out, eos_ids)
-    lengths = np.where(finished.any(1), finished.argmax(1) + 1, int(steps))
+    ended = np.isin(out, eos_ids)
+    lengths = np.where(ended.any(1), ended.argmax(1) + 1, int(steps))
     return Generation(out, lengths, int(steps))
 

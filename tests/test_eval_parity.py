@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -11,9 +12,12 @@ from tofu_fixture import add_eval_splits, make_mini_tofu, make_tiny_model_with_t
 
 from npo_jax.cli import main
 from npo_jax.data.tofu import load_split
+from npo_jax.data.tokenize import encode_prompts
 from npo_jax.eval import metrics as m
+from npo_jax.eval import scoring
 from npo_jax.eval.cli import load_scorer
 from npo_jax.eval.hf_reference import hf_generate, hf_score
+from npo_jax.eval.scoring import PROMPT_MULTIPLE
 from npo_jax.run_config import load_run_config
 from npo_jax.train import Trainer
 
@@ -86,6 +90,9 @@ def test_prompts_run_once_and_answers_on_their_cache_match_transformers(trained,
     rows = list(load_split("forget10_perturbed", data, root / "tfds"))[:7]
     pairs = [(r["question"], a) for r in rows for a in (r["answer"], r["paraphrased_answer"], *r["perturbed_answer"],
                                                          r["answer"] + " " + r["paraphrased_answer"] * 3)]
+    # the prompts' shared system turn is prefilled once, as one row (so that path is what is checked)
+    prompts = encode_prompts(scorer.tokenizer, [r["question"] for r in rows], scorer.fmt)
+    assert scorer._prefill_prefix(prompts)[2] >= PROMPT_MULTIPLE
     whole = dataclasses.replace(scorer, share_prompts=False).score_answers(pairs)
     shared = dataclasses.replace(scorer, share_prompts=True).score_answers(pairs)
     auto = scorer.score_answers(pairs)  # 8 answers per prompt: shares
@@ -106,6 +113,34 @@ def test_prompts_run_once_and_answers_on_their_cache_match_transformers(trained,
         assert u.avg_loss == s.avg_loss
     # the answers span several of the scorer's answer buckets (several compiled shapes)
     assert len({next(b for b in scorer.answer_buckets if n <= b) for n in answer_lengths}) >= 2
+
+
+@pytest.mark.parametrize("quirk", [False, True])
+def test_generation_in_the_scoring_pass_matches_transformers(trained, quirk):
+    """`score_and_generate` decodes the scored questions from the caches their scoring prefill
+    left (right padded, after the shared prefix), in chunks of 5 prompts and a part-filled one
+    of 2; a question no pair has, and a repeated one, are answered too. Every answer is HF's
+    greedy `generate` token for token, and the scores are `score_answers`'. With the quirk no
+    cache is reused (its generation positions differ): the answers are the separate path's."""
+    root, data, hf_dir = trained
+    scorer = dataclasses.replace(load_scorer(hf_dir, batch_size=5, max_new_tokens=16), eot_mask_quirk=quirk)
+    hf = transformers.LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    rows = list(load_split("forget10_perturbed", data, root / "tfds"))[:8]
+    pairs = [(r["question"], a) for r in rows[:7] for a in (r["answer"], *r["perturbed_answer"])]
+    questions = [r["question"] for r in rows] + [rows[2]["question"]]  # rows[7] is in no pair
+    with mock.patch("npo_jax.eval.scoring._greedy_on_prompts", wraps=scoring._greedy_on_prompts) as reused:
+        scored, answers = scorer.score_and_generate(pairs, questions)
+    assert reused.call_count == (0 if quirk else 2)
+    for s, ref in zip(scored, scorer.score_answers(pairs), strict=True):
+        assert s.avg_loss == ref.avg_loss
+    if quirk:  # HF is given open-unlearning's mask only through our separate generation path
+        assert answers == scorer.generate_answers(questions)
+    eos = sorted({scorer.tokenizer.eos_token_id, *scorer_config_eos(scorer)})
+    for q, a in zip(questions, answers, strict=True):
+        if not quirk:
+            ref = hf_generate(hf, scorer.tokenizer, q, max_new_tokens=16, eos_ids=eos)
+            assert a == scorer.tokenizer.decode(ref, skip_special_tokens=True).strip()
+    assert len(set(answers)) > 1  # not one answer for every question
 
 
 def scorer_config_eos(scorer):

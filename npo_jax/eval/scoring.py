@@ -10,8 +10,10 @@ A TOFU suite scores 7-10 answers per question (the answer, its paraphrase, the p
 and with the chat template the prompt is most of each sequence. When prompts repeat, each
 distinct prompt runs once (a prefill into the KV cache), and every answer runs on top of its
 prompt's cache: the same tokens, positions and causal attention as the whole sequence, for a
-third of the tokens in a TOFU suite (`share_prompts`).
-`generate_answers` produces greedy answers with the KV cache (left padded prompts).
+third of the tokens in a TOFU suite (`share_prompts`). The prompts' shared first part (the chat
+template's system turn, two thirds of a TOFU prompt) is prefilled once, as one row.
+`generate_answers` produces greedy answers with the KV cache (left padded prompts);
+`score_and_generate` decodes them from the caches the scoring prefill left instead.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import numpy as np
 
 from npo_jax.data.batches import bucket_length, pad_examples
 from npo_jax.data.tokenize import IGNORE, ChatFormat, Example, encode_prompts, encode_qa_pairs
-from npo_jax.generate import generate
+from npo_jax.generate import decode, finished, generate
 from npo_jax.logprobs import token_logprobs_and_argmax
 from npo_jax.losses import train_hidden
 from npo_jax.model import KVCache, merge_params
@@ -52,15 +54,27 @@ def _score_batch(graphdef, params, batch):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
-def _prefill_prompts(graphdef, params, ids, mask, last):
-    """KV cache of right-padded prompts (n, P) at positions 0..P-1, as `train_hidden` places them,
-    and the hidden state of each prompt's last token (it predicts the answer's first token)."""
+def _prefill_prompts(graphdef, params, ids, mask, last, prefix=None):
+    """KV cache of right-padded prompts (n, P), the hidden state of each prompt's last token (it
+    predicts the answer's first token) and the mask over the cache's slots.
+
+    Positions are 0..P-1, as `train_hidden` places them. With `prefix` (the cache, mask and
+    real length of the prompts' shared first tokens, prefilled once as one row), the prompts
+    hold only what follows it: their slots come after the prefix's, their positions after its
+    real tokens (the prefix's padding slots are masked, so positions stay those of the whole)."""
     model = merge_params(graphdef, params)
     n, p = ids.shape
-    cache = KVCache.zeros(model.config, n, p, model.compute_dtype)
     positions = jnp.broadcast_to(jnp.arange(p), ids.shape)
-    h, cache = model.hidden_states(ids, mask, positions, cache, cache_index=0)
-    return cache, h[jnp.arange(n), last]
+    cache, start = KVCache.zeros(model.config, n, p, model.compute_dtype), 0
+    if prefix is not None:
+        prefix_cache, prefix_mask, prefix_len = prefix
+        start = prefix_mask.shape[1]
+        cache = KVCache(*(jnp.concatenate([jnp.broadcast_to(c, (c.shape[0], n, *c.shape[2:])), z], axis=3)
+                          for c, z in zip(prefix_cache, cache, strict=True)))
+        mask = jnp.concatenate([jnp.broadcast_to(prefix_mask, (n, start)), mask], axis=1)
+        positions = positions + prefix_len
+    h, cache = model.hidden_states(ids, mask, positions, cache, cache_index=start)
+    return cache, h[jnp.arange(n), last], mask
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
@@ -83,6 +97,16 @@ def _score_on_prompts(graphdef, params, prompts, rows, ids, mask, labels, offset
     h = jnp.concatenate([last_hidden[rows][:, None].astype(h.dtype), h], axis=1)
     labels = jnp.concatenate([jnp.full((b, 1), IGNORE, labels.dtype), labels], axis=1)
     return token_logprobs_and_argmax(model.logits, h, labels)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "eos_ids", "pad_id"))
+def _greedy_on_prompts(graphdef, params, prompts, lengths, wanted, *, max_new_tokens, eos_ids, pad_id):
+    """Greedy answers decoded from `_prefill_prompts`' output (right-padded prompts of `lengths`
+    tokens, positions 0..length-1 as generation gives them); rows not `wanted` stay pad."""
+    cache, last_hidden, mask = prompts
+    model = merge_params(graphdef, params)
+    return decode(model, cache, mask, model.logits(last_hidden), lengths, jax.random.key(0), ~wanted,
+                  max_new_tokens=max_new_tokens, eos_ids=eos_ids, pad_id=pad_id, temperature=0.0, top_p=1.0)
 
 
 def _prompt_width(n: int) -> int:
@@ -121,16 +145,36 @@ class Scorer:
         t = self.tokenizer
         return t.pad_token_id if t.pad_token_id is not None else t.eos_token_id
 
+    @property
+    def eos_ids(self) -> tuple:
+        """What ends a generated answer: the tokenizer's eos and the model config's."""
+        cfg = merge_params(self.graphdef, self.params).config
+        return tuple(sorted({self.tokenizer.eos_token_id, *cfg.eos_token_ids}))
+
     def score_answers(self, pairs: list[tuple[str, str]], progress=None) -> list[Scored]:
+        return self.score_and_generate(pairs, [], progress)[0]
+
+    def score_and_generate(self, pairs: list[tuple[str, str]], questions: list[str],
+                           progress=None) -> tuple[list[Scored], list[str]]:
+        """`score_answers(pairs)` and `generate_answers(questions)` in one pass: when prompts are
+        shared, a question that is also a pair's prompt is decoded from the cache its scoring
+        prefill left, so the prompt runs once for both (a TOFU suite generates for exactly the
+        questions it scores). Not with `eot_mask_quirk`: its generation positions (the mask's
+        cumsum) are not scoring's (0..L-1), so those questions get a prefill of their own."""
         examples = encode_qa_pairs(self.tokenizer, pairs, self.fmt, self.buckets[-1])
         splits = [_prompt_split(e) for e in examples]
         groups: dict[bytes, list[int]] = {}  # examples by their exact prompt tokens
         for i, (e, f) in enumerate(zip(examples, splits, strict=True)):
             groups.setdefault(e.input_ids[:f].tobytes(), []).append(i)
         share = self.share_prompts if self.share_prompts is not None else len(examples) >= 2 * len(groups)
+        wanted: dict[bytes, list[int]] = {}  # questions by prompt tokens, for those a scored prompt has
+        if share and not self.eot_mask_quirk:
+            for j, p in enumerate(encode_prompts(self.tokenizer, questions, self.fmt)):
+                if p.tobytes() in groups:
+                    wanted.setdefault(p.tobytes(), []).append(j)
         # every batch is dispatched before the first result is read: host and device overlap
-        pending = (self._dispatch_shared(examples, splits, list(groups.values())) if share
-                   else self._dispatch_whole(examples))
+        pending, decoding = (self._dispatch_shared(examples, splits, groups, wanted) if share
+                             else (self._dispatch_whole(examples), []))
         out: list[Scored | None] = [None] * len(examples)
         for idx, targets, result in pending:
             logp, preds, mask = jax.device_get(result)
@@ -141,7 +185,18 @@ class Scorer:
                 out[i] = Scored(float(-lp.sum() / max(m.sum(), 1)), lp[:-1], pred[:-1], tgt[:-1])
             if progress is not None:
                 progress.update(len(idx))
-        return out
+        answers: list[np.ndarray | None] = [None] * len(questions)
+        for rows, result in decoding:
+            gen = finished(*jax.device_get(result), self.eos_ids)
+            for row, js in rows.items():
+                for j in js:
+                    answers[j] = gen.tokens[row, : gen.lengths[row]]
+            if progress is not None:
+                progress.update(sum(map(len, rows.values())))
+        rest = [j for j, a in enumerate(answers) if a is None]
+        for j, a in zip(rest, self.generate_tokens([questions[j] for j in rest], progress), strict=True):
+            answers[j] = a
+        return out, [self._text(a) for a in answers]
 
     def _pad(self, examples: list[Example], buckets) -> dict[str, np.ndarray]:
         """Right padded to the bucket of the longest, with the collator's mask (eot quirk included)."""
@@ -161,19 +216,21 @@ class Scorer:
             pending.append((idx, targets, _score_batch(self.graphdef, self.params, batch)))
         return pending
 
-    def _dispatch_shared(self, examples: list[Example], splits: list[int], groups: list[list[int]]):
-        """`batch_size` distinct prompts at a time: their prefill, then their answers on its cache."""
-        groups = sorted(groups, key=lambda g: splits[g[0]])
-        pending = []
+    def _dispatch_shared(self, examples: list[Example], splits: list[int], groups: dict[bytes, list[int]],
+                         wanted: dict[bytes, list[int]]):
+        """`batch_size` distinct prompts at a time: their prefill, then their answers on its cache,
+        then (when any of them is `wanted`) greedy answers decoded from it. Returns the scoring
+        batches [(indices, targets, result)] and the decoding ones [({row: questions}, result)]."""
+        keys = sorted(groups, key=lambda k: splits[groups[k][0]])
+        groups = [groups[k] for k in keys]
+        prefix = self._prefill_prefix([examples[g[0]].input_ids[:splits[g[0]]] for g in groups])
+        pending, decoding = [], []
         for start in range(0, len(groups), self.batch_size):
             chunk = groups[start:start + self.batch_size]
             # a part-filled chunk prefills as few rows as the next power of two (a compile of its own)
             firsts = [g[0] for g in chunk] + [chunk[-1][0]] * (_rows(len(chunk), self.batch_size) - len(chunk))
-            batch = self._pad([Example(examples[i].input_ids[:splits[i]], examples[i].labels[:splits[i]])
-                               for i in firsts], (_prompt_width(max(splits[i] for i in firsts)),))
-            last = np.asarray([splits[i] - 1 for i in firsts], np.int32)
-            mask = jnp.asarray(batch["attention_mask"])
-            prompts = (*_prefill_prompts(self.graphdef, self.params, batch["input_ids"], mask, last), mask)
+            prompts = self._prefill([Example(examples[i].input_ids[:splits[i]], examples[i].labels[:splits[i]])
+                                     for i in firsts], prefix)
             rows = sorted(((r, i) for r, g in enumerate(chunk) for i in g),
                           key=lambda ri: len(examples[ri[1]].input_ids) - splits[ri[1]])
             for s in range(0, len(rows), self.batch_size):
@@ -181,7 +238,37 @@ class Scorer:
                 idx = [i for _, i in part]
                 part += [part[-1]] * (self.batch_size - len(part))
                 pending.append((idx, *self._answers_batch(examples, splits, prompts, part)))
-        return pending
+            rows = {r: wanted[k] for r, k in enumerate(keys[start:start + self.batch_size]) if k in wanted}
+            if rows:
+                lengths = np.asarray([splits[i] for i in firsts], np.int32)
+                decoding.append((rows, _greedy_on_prompts(
+                    self.graphdef, self.params, prompts, lengths, np.isin(np.arange(len(firsts)), list(rows)),
+                    max_new_tokens=self.max_new_tokens, eos_ids=self.eos_ids, pad_id=self.pad_id)))
+        return pending, decoding
+
+    def _prefill_prefix(self, prompts: list[np.ndarray]):
+        """The prompts' longest shared first part (a chat template's system turn), prefilled once
+        as one row (unpadded: every answer attends to its slots), with its real length; None
+        when shorter than `PROMPT_MULTIPLE` tokens. Every prompt keeps at least one token of its own."""
+        n = min(len(p) for p in prompts) - 1
+        diff = np.flatnonzero(np.any(np.stack([p[:n] for p in prompts]) != prompts[0][:n], axis=0))
+        shared = int(diff[0]) if len(diff) else n
+        if shared < PROMPT_MULTIPLE:
+            return None
+        tokens = prompts[0][:shared]
+        batch = self._pad([Example(tokens, np.full(shared, IGNORE, np.int32))], (shared,))
+        cache, _, mask = _prefill_prompts(self.graphdef, self.params, batch["input_ids"],
+                                          jnp.asarray(batch["attention_mask"]), np.asarray([shared - 1], np.int32))
+        return cache, mask, np.int32(shared)
+
+    def _prefill(self, prompts: list[Example], prefix):
+        """(cache, last hidden states, slot mask) of right-padded prompts, after `prefix` if given."""
+        cut = 0 if prefix is None else int(prefix[2])
+        batch = self._pad([Example(e.input_ids[cut:], e.labels[cut:]) for e in prompts],
+                          (_prompt_width(max(len(e.input_ids) for e in prompts) - cut),))
+        last = np.asarray([len(e.input_ids) - cut - 1 for e in prompts], np.int32)
+        return _prefill_prompts(self.graphdef, self.params, batch["input_ids"], jnp.asarray(batch["attention_mask"]),
+                                last, prefix)
 
     def _answers_batch(self, examples, splits, prompts, part):
         """(targets, result) for (prompt row, example) pairs, answers right padded to a bucket."""
@@ -194,8 +281,10 @@ class Scorer:
 
     def generate_answers(self, questions: list[str], progress=None) -> list[str]:
         """Greedy answers decoded with special tokens skipped, cut at eos, stripped."""
-        return [self.tokenizer.decode(t, skip_special_tokens=True).strip()
-                for t in self.generate_tokens(questions, progress)]
+        return [self._text(t) for t in self.generate_tokens(questions, progress)]
+
+    def _text(self, tokens: np.ndarray) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
 
     def generate_tokens(self, questions: list[str], progress=None) -> list[np.ndarray]:
         return self.generate_ids(encode_prompts(self.tokenizer, questions, self.fmt), progress)
@@ -206,8 +295,6 @@ class Scorer:
         `PROMPT_MULTIPLE`, a fixed batch size (the last batch: the next power of two), so generation
         compiles once per width (and row count). Sampled batch b uses `SeedSequence([seed, b])`."""
         eos = self.tokenizer.eos_token_id
-        cfg = merge_params(self.graphdef, self.params).config
-        eos_ids = tuple(sorted({eos, *cfg.eos_token_ids}))
         answers: list[np.ndarray | None] = [None] * len(prompts)
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         for b, start in enumerate(range(0, len(order), self.batch_size)):
@@ -226,7 +313,7 @@ class Scorer:
                 mask = (ids != eos).astype(np.int32)
             batch_seed = int(np.random.SeedSequence([seed, b]).generate_state(1)[0]) if temperature > 0 else 0
             gen = generate(self.graphdef, self.params, ids, mask, max_new_tokens=self.max_new_tokens,
-                           eos_ids=eos_ids, pad_id=self.pad_id, temperature=temperature, top_p=top_p,
+                           eos_ids=self.eos_ids, pad_id=self.pad_id, temperature=temperature, top_p=top_p,
                            seed=batch_seed)
             for row, i in enumerate(idx):
                 answers[i] = gen.tokens[row, : gen.lengths[row]]

@@ -70,27 +70,31 @@ class Suite:
         if holdout_split:
             self.splits["holdout"] = load_split(holdout_split, data_dir, tfds_dir)
         self.rows = {k: [s[i] for i in range(min(len(s), limit or len(s)))] for k, s in self.splits.items()}
-        self.timings: dict[str, float] = {"scoring_s": 0.0, "generation_s": 0.0}
+        # scoring_s and generation_s, or scoring_and_generation_s when the scorer does both in one pass
+        self.timings: dict[str, float] = {}
 
     def _bar(self, desc, total):
         return tqdm(total=total, desc=desc, unit="item", disable=not self.progress, leave=False)
 
-    def _score(self, requests: dict[str, list]) -> dict[str, list]:
-        """All scoring requests in one call (fewer part-filled batches, better length grouping)."""
+    def _score_and_generate(self, requests: dict[str, list], splits: dict[str, list]) -> tuple[dict, dict]:
+        """All scoring requests in one call (fewer part-filled batches, better length grouping),
+        and the greedy answers to the splits' questions: in the same pass when the scorer can
+        (`Scorer.score_and_generate`: the questions' prompts run once), else one after the other."""
         flat = [pair for pairs in requests.values() for pair in pairs]
-        t0 = time.perf_counter()
-        with self._bar("scoring", len(flat)) as bar:
-            scored = self.scorer.score_answers(flat, bar)
-        self.timings["scoring_s"] += time.perf_counter() - t0
-        return _split(scored, requests)
-
-    def _generate(self, splits: dict[str, list]) -> dict[str, list]:
         questions = [r["question"] for rows in splits.values() for r in rows]
         t0 = time.perf_counter()
-        with self._bar("generation", len(questions)) as bar:
-            answers = self.scorer.generate_answers(questions, bar)
-        self.timings["generation_s"] += time.perf_counter() - t0
-        return _split(answers, splits)
+        if hasattr(self.scorer, "score_and_generate"):
+            with self._bar("scoring and generation", len(flat) + len(questions)) as bar:
+                scored, answers = self.scorer.score_and_generate(flat, questions, bar)
+            self.timings["scoring_and_generation_s"] = time.perf_counter() - t0
+        else:
+            with self._bar("scoring", len(flat)) as bar:
+                scored = self.scorer.score_answers(flat, bar)
+            t1 = time.perf_counter()
+            with self._bar("generation", len(questions)) as bar:
+                answers = self.scorer.generate_answers(questions, bar)
+            self.timings.update(scoring_s=t1 - t0, generation_s=time.perf_counter() - t1)
+        return _split(scored, requests), _split(answers, splits)
 
     def per_item(self) -> dict:
         prefixes = ("forget", "retain", "ra", "wf")
@@ -103,8 +107,7 @@ class Suite:
             requests[f"{prefix}_Q_A_PERT_Prob"] = [(r["question"], p) for r in rows for p in r["perturbed_answer"]]
         if "holdout" in self.rows:
             requests["holdout"] = [(r["question"], r["answer"]) for r in self.rows["holdout"]]
-        scored = self._score(requests)
-        generated = self._generate({prefix: self.rows[prefix] for prefix in prefixes})
+        scored, generated = self._score_and_generate(requests, {prefix: self.rows[prefix] for prefix in prefixes})
 
         out: dict = {}
         for prefix in prefixes:
