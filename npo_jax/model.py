@@ -215,14 +215,13 @@ class LlamaForCausalLM(nnx.Module):
             return layer(h, cos, sin, mask, kv, cache_index)
 
         if layers is not None:  # unrolled: per-layer params and caches, each written in place
-            new_cache = [] if cache is not None else None
+            new_k, new_v = [], []
             for i, state in enumerate(layers):
                 x, kv_new = body(x, (state, None if cache is None else (cache.k[i], cache.v[i])))
                 if cache is not None:
-                    new_cache.append([jax.lax.dynamic_update_slice(c[i], n, (0, 0, cache_index, 0))
-                                      for c, n in zip(cache, kv_new, strict=True)])
-            new_cache = None if cache is None else KVCache(*map(tuple, zip(*new_cache, strict=True)))
-            return self.norm(x), new_cache
+                    new_k.append(jax.lax.dynamic_update_slice(cache.k[i], kv_new[0], (0, 0, cache_index, 0)))
+                    new_v.append(jax.lax.dynamic_update_slice(cache.v[i], kv_new[1], (0, 0, cache_index, 0)))
+            return self.norm(x), None if cache is None else KVCache(tuple(new_k), tuple(new_v))
         policy = REMAT_POLICIES[self.remat]
         if self.remat != "none":
             body = jax.checkpoint(body, policy=policy, prevent_cse=False)

@@ -145,9 +145,10 @@ class Scorer:
         t = self.tokenizer
         return t.pad_token_id if t.pad_token_id is not None else t.eos_token_id
 
-    @property
+    @functools.cached_property
     def eos_ids(self) -> tuple:
-        """What ends a generated answer: the tokenizer's eos and the model config's."""
+        """What ends a generated answer: the tokenizer's eos and the model config's (read once:
+        the config comes from merging the params on the host)."""
         cfg = merge_params(self.graphdef, self.params).config
         return tuple(sorted({self.tokenizer.eos_token_id, *cfg.eos_token_ids}))
 
