@@ -2,11 +2,15 @@
 CPU) on a subset of TOFU, and print the per-metric differences; `--bench` adds wall times.
 
     python scripts/eval_parity.py runs/npo_3b/hf --data-dir ../shared/tofu --limit 20
-    python scripts/eval_parity.py MODEL_DIR --data-dir DIR --limit 40 --bench
+    python scripts/eval_parity.py MODEL_DIR --data-dir DIR --limit 40 --bench --rounds 3
 
 Both run the same suite layout (`npo_jax.eval.suite.Suite`); what differs is the compute: our
 jit-compiled, bucketed, chunked scoring and KV-cache generation vs transformers' forward and
 `generate`, each with its own tokenization of the chat.
+
+`--bench` times warm suites in turns: after each side's first run (ours compiles then), `--rounds`
+rounds of one warm run each, the order swapped every round, so drift in the machine's speed (15-25%
+within minutes on the CI machine) falls on both; it prints the medians and each round's ratio.
 """
 
 from __future__ import annotations
@@ -51,7 +55,8 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=20, help="items per split")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--max-new-tokens", type=int, default=200)
-    ap.add_argument("--bench", action="store_true", help="time both suites (ours run twice: with and without compile)")
+    ap.add_argument("--bench", action="store_true", help="time both suites: first runs, then warm runs in turns")
+    ap.add_argument("--rounds", type=int, default=3, help="with --bench: warm runs of each suite, in turns")
     args = ap.parse_args()
 
     import torch
@@ -66,16 +71,15 @@ def main() -> None:
     kw = dict(data_dir=args.data_dir, tfds_dir=args.tfds_dir, forget_split=args.forget_split,
               holdout_split=args.holdout_split, limit=args.limit, progress=False)
 
-    jax_suite = Suite(scorer, **kw)
-    ours, ours_first = run(jax_suite)
-    ours_timing = dict(jax_suite.timings)
-    ours_warm = None
-    if args.bench:
-        warm_suite = Suite(scorer, **kw)
-        _, ours_warm = run(warm_suite)
-        ours_timing = dict(warm_suite.timings)
-    torch_suite = Suite(torch_scorer, **kw)
-    ref, torch_s = run(torch_suite)
+    ours, ours_first = run(Suite(scorer, **kw))
+    ref, torch_first = run(Suite(torch_scorer, **kw))
+    warm = {"jax": [], "transformers": []}
+    timings = {}
+    for r in range(args.rounds if args.bench else 0):
+        for name in (("jax", "transformers") if r % 2 == 0 else ("transformers", "jax")):
+            suite = Suite(scorer if name == "jax" else torch_scorer, **kw)
+            warm[name].append(run(suite)[1])
+            timings.setdefault(name, []).append(suite.timings)
 
     a, b = aggregate(ours), aggregate(ref)
     print(f"{args.model}: {args.limit} items per split, float32")
@@ -95,20 +99,30 @@ def main() -> None:
     total = sum(len(ours[k]) for k in ours if k.endswith("ROUGE"))
     print(f"identical generations: {same}/{total}")
     if args.bench:
-        t, ot = torch_suite.timings, ours_timing
+        print_bench(warm, timings, ours_first, torch_first)
 
-        def parts(timings: dict) -> str:  # a scorer that does both in one pass has one figure
-            if "scoring_and_generation_s" in timings:
-                return f"{'(one pass: ' + format(timings['scoring_and_generation_s'], '.1f') + ')':>21}"
-            return f"{timings['scoring_s']:9.1f} {timings['generation_s']:11.1f}"
 
-        print(f"\n{'suite wall time (s)':<22} {'scoring':>9} {'generation':>11} {'total':>8}")
-        print(f"{'jax (warm)':<22} {parts(ot)} {ours_warm:8.1f}")
-        print(f"{'jax (with compile)':<22} {'':>21} {ours_first:8.1f}")
-        print(f"{'transformers':<22} {parts(t)} {torch_s:8.1f}")
-        detail = ("" if "scoring_s" not in ot else f" (scoring {t['scoring_s'] / ot['scoring_s']:.2f}x, "
-                  f"generation {t['generation_s'] / ot['generation_s']:.2f}x)")
-        print(f"speed-up (transformers / jax warm): {torch_s / ours_warm:.2f}x{detail}")
+def print_bench(warm: dict, timings: dict, ours_first: float, torch_first: float) -> None:
+    """Medians of the warm runs (with their range), the first runs, and each round's ratio."""
+
+    def parts(runs: list[dict]) -> str:  # a scorer that does both in one pass has one figure
+        if "scoring_and_generation_s" in runs[0]:
+            both = np.median([t["scoring_and_generation_s"] for t in runs])
+            return f"{'(one pass: ' + format(both, '.1f') + ')':>21}"
+        return (f"{np.median([t['scoring_s'] for t in runs]):9.1f} "
+                f"{np.median([t['generation_s'] for t in runs]):11.1f}")
+
+    ours, ref = warm["jax"], warm["transformers"]
+    print(f"\n{'suite wall time (s)':<26} {'scoring':>9} {'generation':>11} {'total':>8}  range")
+    print(f"{'jax, warm (median)':<26} {parts(timings['jax'])} {np.median(ours):8.1f}  {min(ours):.1f}-{max(ours):.1f}")
+    print(f"{'transformers, warm':<26} {parts(timings['transformers'])} {np.median(ref):8.1f}  "
+          f"{min(ref):.1f}-{max(ref):.1f}")
+    print(f"{'jax, first run (compiles)':<26} {'':>21} {ours_first:8.1f}")
+    print(f"{'transformers, first run':<26} {'':>21} {torch_first:8.1f}")
+    rounds = " ".join(f"{t / o:.2f}x" for o, t in zip(ours, ref, strict=True))
+    print(f"speed-up (transformers / jax, warm medians): {np.median(ref) / np.median(ours):.2f}x "
+          f"(rounds: {rounds}; first runs: {torch_first / ours_first:.2f}x)")
+
 
 if __name__ == "__main__":
     main()

@@ -5,6 +5,7 @@ import copy
 import jax
 import numpy as np
 import pytest
+import scipy.special
 import torch
 from hf_models import load_hf, make_hf_model, tiny_config
 from ou_reference import batch_nll, hf_loss, kl_retain, npo_loss, simnpo_loss
@@ -181,14 +182,19 @@ def test_cached_reference_logprobs_match_open_unlearning(models):
 def test_first_argmax_is_numpys_argmax():
     """The two-stage argmax against numpy's: ties across and within blocks (the first wins), a NaN
     (counts as the maximum, as in numpy and torch), a vocabulary that is not a multiple of 128, and
-    the (batch, positions, vocab) layout the scorer uses."""
+    the (batch, positions, vocab) layout the scorer uses; `logsumexp_and_argmax` against numpy's
+    argmax and scipy's logsumexp on the same rows (NaN where a logit is NaN, inf where one is inf)."""
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, 5, 1024)).astype(np.float32)
     x[0, 0, [300, 900]] = 9.0  # tie across blocks
     x[0, 1, [260, 261]] = 9.0  # tie within a block
     x[1, 2, 700] = np.nan
     x[1, 3, 5] = np.inf
+    x[1, 4] = -np.inf  # a row with nothing possible
     for logits in (x, x[0], rng.standard_normal((4, 1000)).astype(np.float32)):
         got = np.asarray(jax.jit(logprobs.first_argmax)(logits))
         np.testing.assert_array_equal(got, np.argmax(logits, axis=-1))
+        lse, pred = jax.jit(logprobs.logsumexp_and_argmax)(logits)
+        np.testing.assert_array_equal(np.asarray(pred), np.argmax(logits, axis=-1))
+        np.testing.assert_allclose(np.asarray(lse), scipy.special.logsumexp(logits, axis=-1), rtol=1e-6)
     assert np.asarray(logprobs.first_argmax(x))[0, 0] == 300 and np.asarray(logprobs.first_argmax(x))[1, 2] == 700
