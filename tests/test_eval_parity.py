@@ -79,12 +79,13 @@ def test_per_item_values_match_transformers(trained):
 def test_prompts_run_once_and_answers_on_their_cache_match_transformers(trained, quirk):
     """Shared-prompt scoring (each distinct prompt prefilled once, its answers scored on the cache)
     against transformers' forward over each whole sequence; several prompt chunks, answers of
-    several length buckets, part-filled batches. With the quirk, HF gets open-unlearning's mask
+    several length buckets, part-filled batches; prompts prefilled in groups of one batch (two
+    groups, the second part-filled) and of four (one group). With the quirk, HF gets open-unlearning's mask
     (ids != eos) and default positions, as its collator feeds it."""
     from npo_jax.eval.hf_reference import _encode, _item
 
     root, data, hf_dir = trained
-    # 7 prompts x 8 answers in batches of 5: a part-filled prefill batch and a part-filled answer batch
+    # 7 prompts x 8 answers in batches of 5: part-filled prefill and answer batches
     scorer = dataclasses.replace(load_scorer(hf_dir, batch_size=5, max_new_tokens=8), eot_mask_quirk=quirk)
     hf = transformers.LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     rows = list(load_split("forget10_perturbed", data, root / "tfds"))[:7]
@@ -95,17 +96,18 @@ def test_prompts_run_once_and_answers_on_their_cache_match_transformers(trained,
     assert scorer._prefill_prefix(prompts)[2] >= PROMPT_MULTIPLE
     whole = dataclasses.replace(scorer, share_prompts=False).score_answers(pairs)
     shared = dataclasses.replace(scorer, share_prompts=True).score_answers(pairs)
+    by_batch = dataclasses.replace(scorer, share_prompts=True, prompt_group=1).score_answers(pairs)
     auto = scorer.score_answers(pairs)  # 8 answers per prompt: shares
     eos = scorer.tokenizer.eos_token_id
     answer_lengths = set()
-    for (q, a), w, s, u in zip(pairs, whole, shared, auto, strict=True):
+    for (q, a), w, s, g, u in zip(pairs, whole, shared, by_batch, auto, strict=True):
         ids, labels = _encode(scorer.tokenizer, q, a, "You are a helpful assistant.", "10 Apr 2025")
         answer_lengths.add(sum(x != -100 for x in labels))
         x = torch.tensor([ids])
         with torch.no_grad():
             logits = hf(x, attention_mask=(x != eos).long() if quirk else torch.ones_like(x)).logits[0].float()
         ref = _item(logits, labels)
-        for ours in (w, s):
+        for ours in (w, s, g):
             np.testing.assert_allclose(ours.avg_loss, ref["avg_loss"], rtol=1e-4)
             np.testing.assert_allclose(ours.token_logprobs, ref["token_logprobs"], rtol=1e-4, atol=1e-5)
             np.testing.assert_array_equal(ours.preds, ref["preds"])
@@ -118,10 +120,10 @@ def test_prompts_run_once_and_answers_on_their_cache_match_transformers(trained,
 @pytest.mark.parametrize("quirk", [False, True])
 def test_generation_in_the_scoring_pass_matches_transformers(trained, quirk):
     """`score_and_generate` decodes the scored questions from the caches their scoring prefill
-    left (right padded, after the shared prefix), in chunks of 5 prompts and a part-filled one
-    of 2; a question no pair has, and a repeated one, are answered too. Every answer is HF's
-    greedy `generate` token for token, and the scores are `score_answers`'. With the quirk no
-    cache is reused (its generation positions differ): the answers are the separate path's."""
+    left (right padded, after the shared prefix): one group of 7 prompts, decoded as 5 rows, then
+    a part-filled 2; a question no pair has, and a repeated one, are answered too. Every answer
+    is HF's greedy `generate` token for token, and the scores are `score_answers`'. With the
+    quirk no cache is reused (its generation positions differ): the answers are the separate path's."""
     root, data, hf_dir = trained
     scorer = dataclasses.replace(load_scorer(hf_dir, batch_size=5, max_new_tokens=16), eot_mask_quirk=quirk)
     hf = transformers.LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()

@@ -11,7 +11,9 @@ and with the chat template the prompt is most of each sequence. When prompts rep
 distinct prompt runs once (a prefill into the KV cache), and every answer runs on top of its
 prompt's cache: the same tokens, positions and causal attention as the whole sequence, for a
 third of the tokens in a TOFU suite (`share_prompts`). The prompts' shared first part (the chat
-template's system turn, two thirds of a TOFU prompt) is prefilled once, as one row.
+template's system turn, two thirds of a TOFU prompt) is prefilled once, as one row; the rest
+of the prompts in groups of several batches, whose answers are batched across the group (fewer
+part-filled batches, and fewer compiled shapes: one prompt width per group, not per batch).
 `generate_answers` produces greedy answers with the KV cache (left padded prompts);
 `score_and_generate` decodes them from the caches the scoring prefill left instead.
 """
@@ -100,12 +102,14 @@ def _score_on_prompts(graphdef, params, prompts, rows, ids, mask, labels, offset
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "eos_ids", "pad_id"))
-def _greedy_on_prompts(graphdef, params, prompts, lengths, wanted, *, max_new_tokens, eos_ids, pad_id):
-    """Greedy answers decoded from `_prefill_prompts`' output (right-padded prompts of `lengths`
-    tokens, positions 0..length-1 as generation gives them); rows not `wanted` stay pad."""
+def _greedy_on_prompts(graphdef, params, prompts, rows, lengths, wanted, *, max_new_tokens, eos_ids, pad_id):
+    """Greedy answers decoded from the prompts `rows` of `_prefill_prompts`' output (right-padded
+    prompts of `lengths` tokens, positions 0..length-1 as generation gives them); rows not
+    `wanted` stay pad."""
     cache, last_hidden, mask = prompts
     model = merge_params(graphdef, params)
-    return decode(model, cache, mask, model.logits(last_hidden), lengths, jax.random.key(0), ~wanted,
+    cache = KVCache(cache.k[:, rows], cache.v[:, rows])
+    return decode(model, cache, mask[rows], model.logits(last_hidden[rows]), lengths, jax.random.key(0), ~wanted,
                   max_new_tokens=max_new_tokens, eos_ids=eos_ids, pad_id=pad_id, temperature=0.0, top_p=1.0)
 
 
@@ -138,6 +142,10 @@ class Scorer:
     max_new_tokens: int = 200
     # None: run each distinct prompt once when prompts repeat (on average twice or more per call)
     share_prompts: bool | None = None
+    # distinct prompts prefilled together, in batches: answers (and decoded questions) are batched
+    # across the group, so fewer batches are part-filled and fewer shapes compile; the group's KV
+    # cache (prompt slots only) is what this bounds
+    prompt_group: int = 4
     answer_buckets: tuple = (4, 8, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64, 96, 128, 192, 256, 384, 512)
 
     @property
@@ -219,17 +227,19 @@ class Scorer:
 
     def _dispatch_shared(self, examples: list[Example], splits: list[int], groups: dict[bytes, list[int]],
                          wanted: dict[bytes, list[int]]):
-        """`batch_size` distinct prompts at a time: their prefill, then their answers on its cache,
-        then (when any of them is `wanted`) greedy answers decoded from it. Returns the scoring
-        batches [(indices, targets, result)] and the decoding ones [({row: questions}, result)]."""
+        """`prompt_group` x `batch_size` distinct prompts at a time: their prefill, then their
+        answers on its cache in batches of `batch_size` (sorted by length across the group), then
+        greedy answers to the `wanted` ones decoded from it, `batch_size` rows at a time. Returns
+        the scoring batches [(indices, targets, result)] and the decoding ones [({row: questions}, result)]."""
         keys = sorted(groups, key=lambda k: splits[groups[k][0]])
         groups = [groups[k] for k in keys]
         prefix = self._prefill_prefix([examples[g[0]].input_ids[:splits[g[0]]] for g in groups])
+        size = self.batch_size * self.prompt_group
         pending, decoding = [], []
-        for start in range(0, len(groups), self.batch_size):
-            chunk = groups[start:start + self.batch_size]
-            # a part-filled chunk prefills as few rows as the next power of two (a compile of its own)
-            firsts = [g[0] for g in chunk] + [chunk[-1][0]] * (_rows(len(chunk), self.batch_size) - len(chunk))
+        for start in range(0, len(groups), size):
+            chunk = groups[start:start + size]
+            # a part-filled group prefills as few rows as the next power of two (a compile of its own)
+            firsts = [g[0] for g in chunk] + [chunk[-1][0]] * (_rows(len(chunk), size) - len(chunk))
             prompts = self._prefill([Example(examples[i].input_ids[:splits[i]], examples[i].labels[:splits[i]])
                                      for i in firsts], prefix)
             rows = sorted(((r, i) for r, g in enumerate(chunk) for i in g),
@@ -239,11 +249,15 @@ class Scorer:
                 idx = [i for _, i in part]
                 part += [part[-1]] * (self.batch_size - len(part))
                 pending.append((idx, *self._answers_batch(examples, splits, prompts, part)))
-            rows = {r: wanted[k] for r, k in enumerate(keys[start:start + self.batch_size]) if k in wanted}
-            if rows:
-                lengths = np.asarray([splits[i] for i in firsts], np.int32)
-                decoding.append((rows, _greedy_on_prompts(
-                    self.graphdef, self.params, prompts, lengths, np.isin(np.arange(len(firsts)), list(rows)),
+            asked = [(r, wanted[k]) for r, k in enumerate(keys[start:start + size]) if k in wanted]
+            for s in range(0, len(asked), self.batch_size):
+                part = asked[s:s + self.batch_size]
+                sel = [r for r, _ in part]
+                sel += [sel[-1]] * (_rows(len(sel), self.batch_size) - len(sel))  # filler rows start done
+                lengths = np.asarray([splits[firsts[r]] for r in sel], np.int32)
+                decoding.append(({row: js for row, (_, js) in enumerate(part)}, _greedy_on_prompts(
+                    self.graphdef, self.params, prompts, np.asarray(sel, np.int32), lengths,
+                    np.arange(len(sel)) < len(part),
                     max_new_tokens=self.max_new_tokens, eos_ids=self.eos_ids, pad_id=self.pad_id)))
         return pending, decoding
 
