@@ -58,6 +58,8 @@ def main() -> None:
     ap.add_argument("--bench", action="store_true", help="time both suites: first runs, then warm runs in turns")
     ap.add_argument("--rounds", type=int, default=3, help="with --bench: warm runs of each suite, in turns")
     args = ap.parse_args()
+    if args.bench and args.rounds < 1:
+        ap.error(f"--rounds must be at least 1 with --bench (got {args.rounds})")
 
     import torch
     import transformers

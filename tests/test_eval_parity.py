@@ -13,6 +13,7 @@ from tofu_fixture import add_eval_splits, make_mini_tofu, make_tiny_model_with_t
 from npo_jax.cli import main
 from npo_jax.data.tofu import load_split
 from npo_jax.data.tokenize import encode_prompts
+from npo_jax.errors import NpoJaxError
 from npo_jax.eval import metrics as m
 from npo_jax.eval import scoring
 from npo_jax.eval.cli import load_scorer
@@ -143,6 +144,12 @@ def test_generation_in_the_scoring_pass_matches_transformers(trained, quirk):
             ref = hf_generate(hf, scorer.tokenizer, q, max_new_tokens=16, eos_ids=eos)
             assert a == scorer.tokenizer.decode(ref, skip_special_tokens=True).strip()
     assert len(set(answers)) > 1  # not one answer for every question
+
+
+def test_scorer_rejects_empty_batches():
+    for name in ("batch_size", "prompt_group"):
+        with pytest.raises(NpoJaxError, match=f"Scorer.{name} must be at least 1"):
+            scoring.Scorer(None, None, None, **{name: 0})
 
 
 def scorer_config_eos(scorer):

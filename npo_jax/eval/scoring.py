@@ -29,6 +29,7 @@ import numpy as np
 
 from npo_jax.data.batches import bucket_length, pad_examples
 from npo_jax.data.tokenize import IGNORE, ChatFormat, Example, encode_prompts, encode_qa_pairs
+from npo_jax.errors import NpoJaxError
 from npo_jax.generate import decode, finished, generate
 from npo_jax.logprobs import token_logprobs_and_argmax
 from npo_jax.losses import train_hidden
@@ -147,6 +148,11 @@ class Scorer:
     # cache (prompt slots only) is what this bounds
     prompt_group: int = 4
     answer_buckets: tuple = (4, 8, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64, 96, 128, 192, 256, 384, 512)
+
+    def __post_init__(self):
+        for name in ("batch_size", "prompt_group"):
+            if getattr(self, name) < 1:
+                raise NpoJaxError(f"Scorer.{name} must be at least 1 (got {getattr(self, name)})")
 
     @property
     def pad_id(self) -> int:
