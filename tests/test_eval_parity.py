@@ -146,6 +146,31 @@ def test_generation_in_the_scoring_pass_matches_transformers(trained, quirk):
     assert len(set(answers)) > 1  # not one answer for every question
 
 
+def test_scoring_keeps_few_batches_in_flight(trained):
+    """Each dispatched batch holds its temporaries until it runs, so the scorer reads a result
+    once `IN_FLIGHT` batches are ahead of it (and does let some run ahead: host/device overlap)."""
+    root, data, hf_dir = trained
+    scorer = load_scorer(hf_dir, batch_size=2, max_new_tokens=4)
+    rows = list(load_split("forget10_perturbed", data, root / "tfds"))[:4]
+    pairs = [(r["question"], a) for r in rows for a in (r["answer"], *r["perturbed_answer"])]
+    events, score, read = [], scoring._score_on_prompts, scoring.Scorer._read
+
+    def counted_score(*a, **k):
+        events.append(1)
+        return score(*a, **k)
+
+    def counted_read(self, *a):
+        events.append(-1)
+        return read(self, *a)
+
+    with (mock.patch("npo_jax.eval.scoring._score_on_prompts", side_effect=counted_score),
+          mock.patch.object(scoring.Scorer, "_read", counted_read)):
+        scorer.score_answers(pairs)
+    ahead = np.cumsum(events)  # batches dispatched and not yet read
+    assert len(events) == 2 * -(-len(pairs) // 2) and ahead[-1] == 0  # one group: batches of 2 across it
+    assert ahead.max() == scoring.IN_FLIGHT + 1 > 2
+
+
 def test_scorer_rejects_empty_batches():
     for name in ("batch_size", "prompt_group"):
         with pytest.raises(NpoJaxError, match=f"Scorer.{name} must be at least 1"):

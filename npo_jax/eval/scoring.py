@@ -20,6 +20,7 @@ part-filled batches, and fewer compiled shapes: one prompt width per group, not 
 
 from __future__ import annotations
 
+import collections
 import functools
 from dataclasses import dataclass
 
@@ -39,6 +40,8 @@ from npo_jax.model import KVCache, merge_params
 # multiple of this: the prefill is a large part of their cost, so finer than the scoring
 # buckets (more compiled shapes)
 PROMPT_MULTIPLE = 16
+# batches dispatched ahead of the one whose result is read (see `Scorer.score_and_generate`)
+IN_FLIGHT = 2
 
 
 @dataclass
@@ -187,31 +190,43 @@ class Scorer:
             for j, p in enumerate(encode_prompts(self.tokenizer, questions, self.fmt)):
                 if p.tobytes() in groups:
                     wanted.setdefault(p.tobytes(), []).append(j)
-        # every batch is dispatched before the first result is read: host and device overlap
-        pending, decoding = (self._dispatch_shared(examples, splits, groups, wanted) if share
-                             else (self._dispatch_whole(examples), []))
+        jobs = (self._dispatch_shared(examples, splits, groups, wanted) if share
+                else self._dispatch_whole(examples))
         out: list[Scored | None] = [None] * len(examples)
-        for idx, targets, result in pending:
-            logp, preds, mask = jax.device_get(result)
-            for row, i in enumerate(idx):
-                m = mask[row]  # over the row's labelled positions, in order
-                lp, pred, tgt = logp[row][m], preds[row][m], targets[row][m]
-                # the closing eos is dropped from the per-token arrays, as tokenwise_logprobs does
-                out[i] = Scored(float(-lp.sum() / max(m.sum(), 1)), lp[:-1], pred[:-1], tgt[:-1])
-            if progress is not None:
-                progress.update(len(idx))
         answers: list[np.ndarray | None] = [None] * len(questions)
-        for rows, result in decoding:
-            gen = finished(*jax.device_get(result), self.eos_ids)
-            for row, js in rows.items():
-                for j in js:
-                    answers[j] = gen.tokens[row, : gen.lengths[row]]
-            if progress is not None:
-                progress.update(sum(map(len, rows.values())))
+        # a few batches run ahead of the one being read (host and device overlap); not all of
+        # them: each dispatched batch holds its temporaries (the logits) until it has run
+        in_flight: collections.deque = collections.deque()
+        for job in jobs:
+            in_flight.append(job)
+            if len(in_flight) > IN_FLIGHT:
+                self._read(in_flight.popleft(), out, answers, progress)
+        while in_flight:
+            self._read(in_flight.popleft(), out, answers, progress)
         rest = [j for j, a in enumerate(answers) if a is None]
         for j, a in zip(rest, self.generate_tokens([questions[j] for j in rest], progress), strict=True):
             answers[j] = a
         return out, [self._text(a) for a in answers]
+
+    def _read(self, job, out: list, answers: list, progress) -> None:
+        """Fetch one dispatched job's result into `out` (scores) or `answers` (decoded tokens)."""
+        kind, where, targets, result = job
+        if kind == "decode":
+            gen = finished(*jax.device_get(result), self.eos_ids)
+            for row, js in where.items():
+                for j in js:
+                    answers[j] = gen.tokens[row, : gen.lengths[row]]
+            done = sum(map(len, where.values()))
+        else:
+            logp, preds, mask = jax.device_get(result)
+            for row, i in enumerate(where):
+                m = mask[row]  # over the row's labelled positions, in order
+                lp, pred, tgt = logp[row][m], preds[row][m], targets[row][m]
+                # the closing eos is dropped from the per-token arrays, as tokenwise_logprobs does
+                out[i] = Scored(float(-lp.sum() / max(m.sum(), 1)), lp[:-1], pred[:-1], tgt[:-1])
+            done = len(where)
+        if progress is not None:
+            progress.update(done)
 
     def _pad(self, examples: list[Example], buckets) -> dict[str, np.ndarray]:
         """Right padded to the bucket of the longest, with the collator's mask (eot quirk included)."""
@@ -219,29 +234,28 @@ class Scorer:
         return pad_examples(examples, length, self.pad_id, self.tokenizer.eos_token_id, self.eot_mask_quirk)
 
     def _dispatch_whole(self, examples: list[Example]):
-        """Whole sequences, sorted by length, a batch per `batch_size`: [(indices, targets, result)]."""
+        """Whole sequences, sorted by length, a batch per `batch_size`: yields ("score", indices,
+        targets, result) as each batch is dispatched."""
         order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
-        pending = []
         for start in range(0, len(order), self.batch_size):
             idx = order[start:start + self.batch_size]
             chunk = [examples[i] for i in idx]
             chunk += [chunk[-1]] * (self.batch_size - len(chunk))  # one shape per bucket
             batch = self._pad(chunk, self.buckets)
             targets = np.take_along_axis(batch["labels"], np.maximum(batch["label_positions"], 0) + 1, axis=1)
-            pending.append((idx, targets, _score_batch(self.graphdef, self.params, batch)))
-        return pending
+            yield "score", idx, targets, _score_batch(self.graphdef, self.params, batch)
 
     def _dispatch_shared(self, examples: list[Example], splits: list[int], groups: dict[bytes, list[int]],
                          wanted: dict[bytes, list[int]]):
         """`prompt_group` x `batch_size` distinct prompts at a time: their prefill, then their
         answers on its cache in batches of `batch_size` (sorted by length across the group), then
-        greedy answers to the `wanted` ones decoded from it, `batch_size` rows at a time. Returns
-        the scoring batches [(indices, targets, result)] and the decoding ones [({row: questions}, result)]."""
+        greedy answers to the `wanted` ones decoded from it, `batch_size` rows at a time. Yields
+        ("score", indices, targets, result) and ("decode", {row: questions}, None, result) as
+        each is dispatched."""
         keys = sorted(groups, key=lambda k: splits[groups[k][0]])
         groups = [groups[k] for k in keys]
         prefix = self._prefill_prefix([examples[g[0]].input_ids[:splits[g[0]]] for g in groups])
         size = self.batch_size * self.prompt_group
-        pending, decoding = [], []
         for start in range(0, len(groups), size):
             chunk = groups[start:start + size]
             # a part-filled group prefills as few rows as the next power of two (a compile of its own)
@@ -254,18 +268,17 @@ class Scorer:
                 part = rows[s:s + self.batch_size]
                 idx = [i for _, i in part]
                 part += [part[-1]] * (self.batch_size - len(part))
-                pending.append((idx, *self._answers_batch(examples, splits, prompts, part)))
+                yield "score", idx, *self._answers_batch(examples, splits, prompts, part)
             asked = [(r, wanted[k]) for r, k in enumerate(keys[start:start + size]) if k in wanted]
             for s in range(0, len(asked), self.batch_size):
                 part = asked[s:s + self.batch_size]
                 sel = [r for r, _ in part]
                 sel += [sel[-1]] * (_rows(len(sel), self.batch_size) - len(sel))  # filler rows start done
                 lengths = np.asarray([splits[firsts[r]] for r in sel], np.int32)
-                decoding.append(({row: js for row, (_, js) in enumerate(part)}, _greedy_on_prompts(
+                yield "decode", {row: js for row, (_, js) in enumerate(part)}, None, _greedy_on_prompts(
                     self.graphdef, self.params, prompts, np.asarray(sel, np.int32), lengths,
                     np.arange(len(sel)) < len(part),
-                    max_new_tokens=self.max_new_tokens, eos_ids=self.eos_ids, pad_id=self.pad_id)))
-        return pending, decoding
+                    max_new_tokens=self.max_new_tokens, eos_ids=self.eos_ids, pad_id=self.pad_id)
 
     def _prefill_prefix(self, prompts: list[np.ndarray]):
         """The prompts' longest shared first part (a chat template's system turn), prefilled once
