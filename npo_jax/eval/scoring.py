@@ -185,9 +185,10 @@ class Scorer:
         for i, (e, f) in enumerate(zip(examples, splits, strict=True)):
             groups.setdefault(e.input_ids[:f].tobytes(), []).append(i)
         share = self.share_prompts if self.share_prompts is not None else len(examples) >= 2 * len(groups)
+        prompts = encode_prompts(self.tokenizer, questions, self.fmt)
         wanted: dict[bytes, list[int]] = {}  # questions by prompt tokens, for those a scored prompt has
         if share and not self.eot_mask_quirk:
-            for j, p in enumerate(encode_prompts(self.tokenizer, questions, self.fmt)):
+            for j, p in enumerate(prompts):
                 if p.tobytes() in groups:
                     wanted.setdefault(p.tobytes(), []).append(j)
         jobs = (self._dispatch_shared(examples, splits, groups, wanted) if share
@@ -204,7 +205,7 @@ class Scorer:
         while in_flight:
             self._read(in_flight.popleft(), out, answers, progress)
         rest = [j for j, a in enumerate(answers) if a is None]
-        for j, a in zip(rest, self.generate_tokens([questions[j] for j in rest], progress), strict=True):
+        for j, a in zip(rest, self.generate_ids([prompts[j] for j in rest], progress), strict=True):
             answers[j] = a
         return out, [self._text(a) for a in answers]
 
