@@ -189,8 +189,9 @@ class Scorer:
         wanted: dict[bytes, list[int]] = {}  # questions by prompt tokens, for those a scored prompt has
         if share and not self.eot_mask_quirk:
             for j, p in enumerate(prompts):
-                if p.tobytes() in groups:
-                    wanted.setdefault(p.tobytes(), []).append(j)
+                key = p.tobytes()
+                if key in groups:
+                    wanted.setdefault(key, []).append(j)
         jobs = (self._dispatch_shared(examples, splits, groups, wanted) if share
                 else self._dispatch_whole(examples))
         out: list[Scored | None] = [None] * len(examples)
