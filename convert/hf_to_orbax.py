@@ -13,12 +13,13 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from convert.mapping import IGNORED_HF_SUFFIXES, get_path, param_specs, set_path, stored_shape
 from convert.safetensors_io import FLOAT_DTYPES, HFWeights
 from npo_jax.checkpoint import save_params_checkpoint
 from npo_jax.config import LlamaConfig, read_config_dict
 from npo_jax.errors import NpoJaxError
 from npo_jax.fs import atomic_output_dir, check_output_dir
+from npo_jax.params import IGNORED_HF_SUFFIXES, param_specs, stored_shape
+from npo_jax.tree_paths import get_path, set_path
 
 DTYPES = {"float32": np.float32, "bfloat16": FLOAT_DTYPES["BF16"], "float16": np.float16}
 

@@ -15,13 +15,13 @@ import numpy as np
 from tqdm import tqdm
 
 from convert.hf_to_orbax import np_dtype
-from convert.mapping import param_specs
 from convert.safetensors_io import INDEX_NAME, SafetensorsWriter
 from npo_jax.checkpoint import TOKENIZER_FILES, ParamsReader, copy_side_files
 from npo_jax.config import with_dtype
 from npo_jax.errors import NpoJaxError
 from npo_jax.fs import atomic_output_dir, check_output_dir, file_checksum, write_checksums
 from npo_jax.memory import trim_host_memory
+from npo_jax.params import param_specs
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}

@@ -29,11 +29,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import v1 as ocp_v1
 
-from convert.mapping import get_path, iter_paths, param_specs, set_path, stored_shape
 from npo_jax.config import LlamaConfig, read_config_dict
 from npo_jax.errors import NpoJaxError
 from npo_jax.fs import checksum_tree, verify_checksums, warn, write_checksums
 from npo_jax.memory import trim_host_memory
+from npo_jax.params import param_specs, stored_shape
+from npo_jax.tree_paths import get_path, iter_paths, set_path
 
 PARAMS_DIR = "params"
 STATE_ITEM = "state"

@@ -77,10 +77,10 @@ def _init_model(out: Path, cfg: DemoConfig, tokenizer_dir: Path, vocab: int, eos
     """A random tiny Llama saved as an Orbax params checkpoint with config and tokenizer."""
     from flax import nnx
 
-    from convert.mapping import iter_paths
     from npo_jax.checkpoint import save_params_checkpoint
     from npo_jax.config import LlamaConfig
     from npo_jax.model import LlamaForCausalLM, split_params
+    from npo_jax.tree_paths import iter_paths
 
     m = cfg.model
     raw = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": vocab,

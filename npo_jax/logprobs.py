@@ -19,7 +19,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-IGNORE = -100
+from npo_jax.data.tokenize import IGNORE
+
 LOGITS_BUDGET_BYTES = 256 << 20
 CHUNK_POSITIONS = 128
 

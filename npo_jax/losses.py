@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from npo_jax.logprobs import kl_to_reference, sequence_logprob
+from npo_jax.model import train_hidden
 
 
 class Objective(NamedTuple):
@@ -57,13 +58,6 @@ def _positions(groups):
     if all("label_positions" in g for g in groups):
         return jnp.concatenate([g["label_positions"] for g in groups])
     return None
-
-
-def train_hidden(model, input_ids, attention_mask):
-    """Hidden states of a right-padded training batch with positions 0..L-1, as HF's forward uses
-    without position_ids: padding (and eot tokens the quirk mask hides) keep arange positions."""
-    positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
-    return model.hidden_states(input_ids, attention_mask, positions)[0]
 
 
 def objective_loss(model, ref_model, batch: dict, obj: Objective, units: int):

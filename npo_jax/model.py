@@ -268,3 +268,10 @@ def split_params(model: LlamaForCausalLM):
 
 def merge_params(graphdef, params) -> LlamaForCausalLM:
     return nnx.merge(graphdef, params)
+
+
+def train_hidden(model, input_ids, attention_mask):
+    """Hidden states of a right-padded training batch with positions 0..L-1, as HF's forward uses
+    without position_ids: padding (and eot tokens the quirk mask hides) keep arange positions."""
+    positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
+    return model.hidden_states(input_ids, attention_mask, positions)[0]

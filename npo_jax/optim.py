@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from convert.mapping import iter_paths, set_path
+from npo_jax.tree_paths import iter_paths, set_path
 
 
 def warmup_steps(warmup_epochs: float, dataset_len: int, effective_batch: int) -> int:

@@ -20,8 +20,7 @@ import numpy as np
 from npo_jax.data.batches import bucket_length, pad_examples
 from npo_jax.data.tokenize import Example
 from npo_jax.logprobs import sequence_logprob
-from npo_jax.losses import train_hidden
-from npo_jax.model import merge_params
+from npo_jax.model import merge_params, train_hidden
 
 
 def _files_stamp(path: Path) -> list:

@@ -11,8 +11,9 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from convert.mapping import param_specs, set_path, stored_shape
 from npo_jax.config import LlamaConfig
+from npo_jax.params import param_specs, stored_shape
+from npo_jax.tree_paths import set_path
 
 MESH_AXES = ("data", "fsdp", "tensor")
 _ROW_PARALLEL = ("o_proj", "down_proj")

@@ -17,7 +17,6 @@ import pytest
 import torch
 from hf_models import make_hf_model, tiny_config
 
-from convert.mapping import iter_paths
 from npo_jax.audit import probes as p
 from npo_jax.audit.bootstrap import bootstrap_ci, summarise
 from npo_jax.audit.facts import found_facts, key_facts
@@ -29,6 +28,7 @@ from npo_jax.cli import main
 from npo_jax.data.tokenize import IGNORE, Example, encode_qa
 from npo_jax.demo_tokenizer import build_demo_tokenizer
 from npo_jax.eval.cli import load_scorer
+from npo_jax.tree_paths import iter_paths
 
 QA_PER_AUTHOR = 7  # synthetic TOFU: 7 facts per author
 MEMORISED = 7  # the retain author's facts

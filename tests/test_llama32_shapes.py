@@ -7,9 +7,9 @@ import transformers
 from conftest import LLAMA3_DIR, require_shared
 from flax import nnx
 
-from convert.mapping import param_specs, stored_shape
 from npo_jax.config import LlamaConfig
 from npo_jax.model import abstract_model
+from npo_jax.params import param_specs, stored_shape
 from npo_jax.rope import inverse_frequencies
 
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from npo_jax.errors import NpoJaxError
 
-IGNORE = -100
+IGNORE = -100  # the label of positions no loss is taken on (torch's cross-entropy ignore_index)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -33,8 +33,7 @@ from npo_jax.data.tokenize import IGNORE, ChatFormat, Example, encode_prompts, e
 from npo_jax.errors import NpoJaxError
 from npo_jax.generate import decode, finished, generate
 from npo_jax.logprobs import token_logprobs_and_argmax
-from npo_jax.losses import train_hidden
-from npo_jax.model import KVCache, merge_params
+from npo_jax.model import KVCache, merge_params, train_hidden
 
 # prompts (prefilled for generation, or once per distinct prompt for scoring) are padded to a
 # multiple of this: the prefill is a large part of their cost, so finer than the scoring

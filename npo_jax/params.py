@@ -1,14 +1,14 @@
-"""The one table between HF tensor names and our parameter paths, used in both directions.
+"""The model's parameter table: every parameter's path in our tree, its shape and its HF name.
 
 Each entry says where a parameter lives in our nested dict, which HF tensor(s) it comes from
 (one per layer when stacked), and whether the kernel is transposed (torch Linear stores
-(out, in); our kernels are (in, out)). No q/k permutation: our RoPE is HF's rotate-half.
+(out, in); our kernels are (in, out)). No q/k permutation: our RoPE is HF's rotate-half. The
+converters read it in both directions; sharding, checkpoints and tests read shapes and paths.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
 
 import numpy as np
 
@@ -77,24 +77,3 @@ def stored_shape(spec: ParamSpec, cfg: LlamaConfig) -> tuple[int, ...]:
 def hf_tensor_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
     """Every HF tensor name the model has, with its torch shape."""
     return {name: spec.hf_shape for spec in param_specs(cfg) for name in spec.hf_names(cfg.num_hidden_layers)}
-
-
-def get_path(tree: dict, path: tuple[str, ...]):
-    for key in path:
-        tree = tree[key]
-    return tree
-
-
-def set_path(tree: dict, path: tuple[str, ...], value) -> None:
-    for key in path[:-1]:
-        tree = tree.setdefault(key, {})
-    tree[path[-1]] = value
-
-
-def iter_paths(tree: dict, prefix: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], object]]:
-    """(path, leaf) for every leaf of a nested dict."""
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            yield from iter_paths(value, (*prefix, key))
-        else:
-            yield (*prefix, key), value
