@@ -16,18 +16,11 @@ from tqdm import tqdm
 from convert.safetensors_io import FLOAT_DTYPES, HFWeights
 from npo_jax.checkpoint import save_params_checkpoint
 from npo_jax.config import LlamaConfig, read_config_dict
+from npo_jax.dtypes import dtype as dtype_named
 from npo_jax.errors import NpoJaxError
 from npo_jax.fs import atomic_output_dir, check_output_dir
 from npo_jax.params import IGNORED_HF_SUFFIXES, param_specs, stored_shape
 from npo_jax.tree_paths import get_path, set_path
-
-DTYPES = {"float32": np.float32, "bfloat16": FLOAT_DTYPES["BF16"], "float16": np.float16}
-
-
-def np_dtype(name: str) -> np.dtype:
-    if name not in DTYPES:
-        raise NpoJaxError(f"unsupported dtype {name!r} (choose from {', '.join(DTYPES)})")
-    return np.dtype(DTYPES[name])
 
 
 def validate_hf_tensors(weights: HFWeights, cfg: LlamaConfig) -> None:
@@ -63,7 +56,7 @@ def read_hf_params(folder: str | Path, dtype: str = "float32", shardings: dict |
     cfg = LlamaConfig.from_hf_dict(read_config_dict(folder / "config.json"), source=str(folder / "config.json"))
     weights = HFWeights(folder)
     validate_hf_tensors(weights, cfg)
-    target = np_dtype(dtype)
+    target = dtype_named(dtype, "--dtype")
 
     def arrays():
         for spec in tqdm(param_specs(cfg), desc="hf -> params", unit="tensor", disable=not progress):

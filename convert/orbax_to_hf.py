@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from convert.hf_to_orbax import np_dtype
 from convert.safetensors_io import INDEX_NAME, SafetensorsWriter
 from npo_jax.checkpoint import TOKENIZER_FILES, ParamsReader, copy_side_files
 from npo_jax.config import with_dtype
+from npo_jax.dtypes import dtype as dtype_named
 from npo_jax.errors import NpoJaxError
 from npo_jax.fs import atomic_output_dir, check_output_dir, file_checksum, write_checksums
 from npo_jax.memory import trim_host_memory
@@ -82,7 +82,7 @@ def orbax_to_hf(src: str | Path, dst: str | Path, dtype: str | None = None,
     reader = ParamsReader(src)
     cfg = reader.config
     out_name = dtype or (cfg.dtype if cfg.dtype in ("float32", "bfloat16", "float16") else "bfloat16")
-    out_dtype = np_dtype(out_name)
+    out_dtype = dtype_named(out_name, "--dtype")
     tok_src = Path(tokenizer_from) if tokenizer_from else reader.folder
     if tokenizer_from and not any((tok_src / f).is_file() for f in TOKENIZER_FILES):
         names = ", ".join(TOKENIZER_FILES[:3])

@@ -23,6 +23,12 @@ CHECKSUMS_NAME = "npo_jax_checksums.json"
 _CHECKSUMS_FORMAT = "npo-jax-checksums"
 
 
+def cache_dir(configured: str | Path | None) -> Path:
+    """The run config's `cache_dir`, or ~/.cache/npo_jax when it sets none (reference log-probs,
+    prepared TOFU files)."""
+    return Path(configured) if configured else Path.home() / ".cache" / "npo_jax"
+
+
 def warn(message: str) -> None:
     print(f"npo-jax: warning: {message}", file=sys.stderr, flush=True)
 

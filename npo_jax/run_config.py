@@ -15,6 +15,7 @@ from pathlib import Path
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
 
+from npo_jax.dtypes import DTYPES
 from npo_jax.errors import NpoJaxError
 
 METHODS = ("NPO", "SimNPO", "GradAscent", "GradDiff", "finetune")
@@ -117,7 +118,7 @@ def _valid_keys(cls, prefix: str = "") -> list[str]:
 
 def _check_choices(cfg: RunConfig) -> None:
     choices = {
-        "model.compute_dtype": (cfg.model.compute_dtype, ("float32", "bfloat16", "float16")),
+        "model.compute_dtype": (cfg.model.compute_dtype, tuple(DTYPES)),
         "model.remat": (cfg.model.remat, ("none", "full", "dots")),
         "method.name": (cfg.method.name, METHODS),
         "method.retain_loss": (cfg.method.retain_loss, ("NLL", "KL")),

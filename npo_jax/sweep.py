@@ -27,7 +27,7 @@ from typing import Any
 from omegaconf import MISSING, OmegaConf
 
 from npo_jax.errors import NpoJaxError
-from npo_jax.fs import atomic_write, atomic_write_text
+from npo_jax.fs import atomic_write, atomic_write_text, cache_dir
 
 RESULT_FILE = "sweep_result.json"
 BOARD_KEYS = ("forget_quality", "model_utility", "forget_Q_A_Prob", "forget_Q_A_ROUGE", "forget_truth_ratio",
@@ -135,7 +135,7 @@ def _train_and_evaluate(cfg, sweep: SweepConfig, name: str, point: dict, retain_
     info = trainer.train()
     del trainer
     train_s = time.perf_counter() - t0
-    cache = Path(cfg.cache_dir) if cfg.cache_dir else Path.home() / ".cache" / "npo_jax"
+    cache = cache_dir(cfg.cache_dir)
     scorer = load_scorer(ckpts, cfg.model.tokenizer, compute_dtype=sweep.eval.compute_dtype,
                          batch_size=sweep.eval.batch_size, max_new_tokens=sweep.eval.max_new_tokens,
                          eot_mask_quirk=cfg.data.eot_mask_quirk)

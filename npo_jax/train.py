@@ -41,13 +41,13 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from convert.orbax_to_hf import orbax_to_hf
-from npo_jax import distributed
+from npo_jax import distributed, dtypes
 from npo_jax.checkpoint import STATE_ITEM, TOKENIZER_FILES, copy_side_files, remove_unfinished_saves, verify_step
 from npo_jax.data.batches import StepPlan, retain_pairing, step_batch
 from npo_jax.data.tofu import load_split
-from npo_jax.data.tokenize import ChatFormat, encode_qa_pairs, load_tokenizer
+from npo_jax.data.tokenize import ChatFormat, encode_qa_pairs, load_tokenizer, pad_token_id
 from npo_jax.errors import NpoJaxError, Preempted
-from npo_jax.fs import atomic_write_text, checksum_tree, warn, write_checksums
+from npo_jax.fs import atomic_write_text, cache_dir, checksum_tree, warn, write_checksums
 from npo_jax.losses import Objective
 from npo_jax.model import abstract_model, split_params
 from npo_jax.model_io import load_model
@@ -65,8 +65,6 @@ from npo_jax.train_step import (
     state_shardings,
     to_pmap_batch,
 )
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 @dataclass
@@ -190,7 +188,7 @@ class Trainer:
         distributed.maybe_initialize()
         self.cfg, self.mode, self.progress = cfg, mode, progress
         self.out = Path(cfg.output_dir)
-        self.cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else Path.home() / ".cache" / "npo_jax"
+        self.cache_dir = cache_dir(cfg.cache_dir)
         _check_output(self.out, resume, overwrite)
         self.obj = Objective("finetune") if mode == "finetune" else Objective(
             cfg.method.name, cfg.method.beta, cfg.method.alpha, cfg.method.gamma, cfg.method.delta,
@@ -246,13 +244,12 @@ class Trainer:
                 self.tokenizer, load_split(cfg.data.retain_split, cfg.data.dir, tfds_dir), fmt, cfg.data.max_length)
             self.truncated[cfg.data.retain_split] = r_trunc
             self.pairing = retain_pairing(len(self.forget), len(self.retain), cfg.seed)
-        eos = self.tokenizer.eos_token_id
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos
-        self.eot_id = eos
+        self.pad_id = pad_token_id(self.tokenizer)
+        self.eot_id = self.tokenizer.eos_token_id
 
     def _load_model(self) -> None:
         cfg = self.cfg
-        dtype = DTYPES[cfg.model.compute_dtype]
+        dtype = dtypes.dtype(cfg.model.compute_dtype, "model.compute_dtype")
         shardings_for = None
         if self.layout.strategy == "sharded":
             shardings_for = lambda c: param_shardings(c, self.layout.mesh)  # noqa: E731

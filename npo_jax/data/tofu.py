@@ -19,6 +19,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from npo_jax.errors import NpoJaxError
+from npo_jax.fs import cache_dir
 
 HUB_URL = "https://huggingface.co/datasets/locuslab/TOFU/resolve/main"
 
@@ -143,7 +144,7 @@ def load_split(name: str, data_dir: str | Path | None = None, tfds_dir: str | Pa
     local = Path(data_dir) if data_dir is not None else None
     if local is not None and not local.is_dir():
         raise NpoJaxError(f"{local}: TOFU data folder not found")
-    base = Path(tfds_dir) if tfds_dir else Path.home() / ".cache" / "npo_jax" / "tfds"
+    base = Path(tfds_dir) if tfds_dir else cache_dir(None) / "tfds"
     builder = Tofu(config=name, data_dir=str(_prepared_dir(base, local)), file_format="array_record")
     download_config = tfds.download.DownloadConfig(manual_dir=str(local) if local else None)
     with _quiet_tfds() if local is not None else contextlib.nullcontext():

@@ -49,6 +49,12 @@ def load_tokenizer(folder: str | Path):
     return tokenizer
 
 
+def pad_token_id(tokenizer) -> int:
+    """The tokenizer's pad id, or its eos when it has none (Llama-3's tokenizer: open-unlearning
+    sets pad = eos)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def _chat(question: str, answer: str | None, fmt: ChatFormat) -> list[dict]:
     chat = [{"role": "system", "content": fmt.system_prompt}] if fmt.system_prompt else []
     chat.append({"role": "user", "content": question})

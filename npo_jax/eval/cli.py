@@ -12,9 +12,9 @@ from npo_jax.eval.suite import write_outputs
 
 def load_scorer(model_path, tokenizer_path=None, *, compute_dtype="float32", batch_size=16, max_new_tokens=200,
                 eot_mask_quirk=False):
-    import jax.numpy as jnp
 
     from npo_jax.data.tokenize import load_tokenizer
+    from npo_jax.dtypes import dtype
     from npo_jax.eval.scoring import Scorer
     from npo_jax.model import abstract_model, split_params
     from npo_jax.model_io import load_model
@@ -24,22 +24,21 @@ def load_scorer(model_path, tokenizer_path=None, *, compute_dtype="float32", bat
         raise NpoJaxError(f"{model_path}: no config.json (expected an HF model folder or an npo-jax checkpoint)")
     tokenizer = load_tokenizer(tokenizer_path or model_path)
     loaded = load_model(model_path)
-    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[compute_dtype]
-    graphdef, _ = split_params(abstract_model(loaded.config, compute_dtype=dtype))
+    graphdef, _ = split_params(abstract_model(loaded.config, compute_dtype=dtype(compute_dtype, "compute dtype")))
     return Scorer(graphdef, loaded.params, tokenizer, batch_size=batch_size, max_new_tokens=max_new_tokens,
                   eot_mask_quirk=eot_mask_quirk)
 
 
 def apply_run_folder(args) -> None:
     """Fill MODEL, data and output settings from a training run's folder and resolved config."""
+    from npo_jax.fs import cache_dir
     from npo_jax.run_config import load_run_config
 
     run = Path(args.run)
     cfg = load_run_config(run / "config.yaml")
     args.model = args.model or str(run / "checkpoints")
     args.data_dir = args.data_dir or cfg.data.dir
-    cache = Path(cfg.cache_dir) if cfg.cache_dir else Path.home() / ".cache" / "npo_jax"
-    args.tfds_dir = args.tfds_dir or cfg.data.tfds_dir or str(cache / "tfds")
+    args.tfds_dir = args.tfds_dir or cfg.data.tfds_dir or str(cache_dir(cfg.cache_dir) / "tfds")
     args.forget_split = cfg.data.forget_split if args.forget_split == "forget10" else args.forget_split
     args.eot_mask_quirk = args.eot_mask_quirk or cfg.data.eot_mask_quirk
     args.out = args.out or str(run / "eval")

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from npo_jax.data.tokenize import pad_token_id
+
 
 def _chat(question, answer, system_prompt, with_answer=True):
     chat = [{"role": "system", "content": system_prompt}, {"role": "user", "content": question}]
@@ -37,7 +39,7 @@ def hf_score_batch(model, tokenizer, pairs, *, batch_size=16, system_prompt="You
     import torch
 
     encoded = [_encode(tokenizer, q, a, system_prompt, date_string) for q, a in pairs]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_token_id(tokenizer)
     out = []
     for start in range(0, len(encoded), batch_size):
         chunk = encoded[start:start + batch_size]

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from npo_jax.data.batches import bucket_length, pad_examples
-from npo_jax.data.tokenize import IGNORE, ChatFormat, Example, encode_prompts, encode_qa_pairs
+from npo_jax.data.tokenize import IGNORE, ChatFormat, Example, encode_prompts, encode_qa_pairs, pad_token_id
 from npo_jax.errors import NpoJaxError
 from npo_jax.generate import decode, finished, generate
 from npo_jax.logprobs import token_logprobs_and_argmax
@@ -158,8 +158,7 @@ class Scorer:
 
     @property
     def pad_id(self) -> int:
-        t = self.tokenizer
-        return t.pad_token_id if t.pad_token_id is not None else t.eos_token_id
+        return pad_token_id(self.tokenizer)
 
     @functools.cached_property
     def eos_ids(self) -> tuple:
