@@ -9,9 +9,9 @@ import pytest
 import torch
 from hf_models import LLAMA3_ROPE, load_hf, make_hf_model, markov_batch, tiny_config
 
-from convert import load_hf_params
 from npo_jax.config import LlamaConfig
 from npo_jax.model import abstract_model, merge_params, split_params
+from npo_jax.model_io import load_hf_params
 
 
 def _jax_logits(folder, ids, mask, positions=None, **model_kw):
