@@ -17,7 +17,7 @@ from npo_jax.losses import Objective
 from npo_jax.model import abstract_model, split_params
 from npo_jax.model_io import load_hf_params
 from npo_jax.params import param_specs
-from npo_jax.reference import sequence_logprobs
+from npo_jax.reference import reference_logprobs as sequence_logprobs
 from npo_jax.train_step import accumulated_grads
 from npo_jax.tree_paths import get_path
 
