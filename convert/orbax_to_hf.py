@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from convert.safetensors_io import INDEX_NAME, SafetensorsWriter
+from convert.safetensors_writer import SafetensorsWriter
 from npo_jax.checkpoint import TOKENIZER_FILES, ParamsReader, copy_side_files
 from npo_jax.config import with_dtype
 from npo_jax.dtypes import dtype as dtype_named
@@ -22,6 +22,7 @@ from npo_jax.errors import NpoJaxError
 from npo_jax.fs import atomic_output_dir, check_output_dir, file_checksum, write_checksums
 from npo_jax.memory import trim_host_memory
 from npo_jax.params import param_specs
+from npo_jax.safetensors_io import INDEX_NAME
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}

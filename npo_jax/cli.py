@@ -62,7 +62,7 @@ def _eval_parser(sub) -> None:
                                                "tokenizer (output default: RUN/eval)")
     p.add_argument("--retain-logs", default=None, help="retain model's TOFU_EVAL.json (for forget_quality)")
     p.add_argument("--base-logs", default=None, help="starting model's TOFU_EVAL.json (plotted beside)")
-    p.add_argument("--forget-split", default="forget10")
+    p.add_argument("--forget-split", default=None, help="default: the run's (with --run), else forget10")
     p.add_argument("--holdout-split", default=None, help="e.g. holdout10, for mia_min_k and privleak")
     p.add_argument("--data-dir", default=None, help="local TOFU folder (default: download locuslab/TOFU)")
     p.add_argument("--tfds-dir", default=None)

@@ -15,6 +15,7 @@ from typing import Any
 from npo_jax.errors import ConfigError
 
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
+RMS_NORM_EPS = 1e-6  # transformers' LlamaConfig default, for a config.json without the field
 _LLAMA3_FIELDS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 _REQUIRED = (
     "vocab_size",
@@ -34,7 +35,7 @@ class LlamaConfig:
     num_attention_heads: int
     num_key_value_heads: int
     head_dim: int
-    rms_norm_eps: float = 1e-5
+    rms_norm_eps: float = RMS_NORM_EPS
     rope_theta: float = 10000.0
     rope_type: str = "default"
     rope_factor: float = 1.0
@@ -92,7 +93,7 @@ class LlamaConfig:
             num_attention_heads=heads,
             num_key_value_heads=kv_heads,
             head_dim=head_dim,
-            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+            rms_norm_eps=float(raw.get("rms_norm_eps", RMS_NORM_EPS)),
             max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
             attention_bias=bool(raw.get("attention_bias", False)),
@@ -106,7 +107,13 @@ class LlamaConfig:
 
     @classmethod
     def from_file(cls, path: str | Path) -> LlamaConfig:
+        """Read and validate an HF `config.json` file; errors name its path."""
         return cls.from_hf_dict(read_config_dict(path), source=str(path))
+
+    @classmethod
+    def from_folder(cls, folder: str | Path) -> LlamaConfig:
+        """The config of a model folder (HF or an npo-jax checkpoint): its `config.json`."""
+        return cls.from_file(Path(folder) / "config.json")
 
 
 def _read_rope(raw: dict[str, Any], fail) -> dict[str, Any]:

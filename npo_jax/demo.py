@@ -19,6 +19,7 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from npo_jax.errors import NpoJaxError
+from npo_jax.run_config import OptimConfig
 
 
 @dataclass
@@ -39,21 +40,14 @@ class DemoModel:
 
 
 @dataclass
-class DemoStage:
-    lr: float = 4e-3
-    epochs: int = 40
-    warmup_epochs: float = 1.0
-    effective_batch: int = 32
-    per_device_batch: int = 32
-
-
-@dataclass
 class DemoConfig:
     data: DemoData = field(default_factory=DemoData)
     model: DemoModel = field(default_factory=DemoModel)
-    finetune: DemoStage = field(default_factory=DemoStage)
-    unlearn: DemoStage = field(default_factory=lambda: DemoStage(lr=3e-4, epochs=5, effective_batch=1,
-                                                                 per_device_batch=1))
+    # the optimizer of each training stage (every field of a run config's `optim`)
+    finetune: OptimConfig = field(default_factory=lambda: OptimConfig(lr=4e-3, epochs=40, effective_batch=32,
+                                                                      per_device_batch=32))
+    unlearn: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4, epochs=5, effective_batch=1,
+                                                                     per_device_batch=1))
     alpha: float = 2.0
     beta: float = 0.1
     max_length: int = 80
@@ -103,15 +97,13 @@ def _init_model(out: Path, cfg: DemoConfig, tokenizer_dir: Path, vocab: int, eos
     return dst
 
 
-def _train(mode: str, model_path, out_dir, data_dir, cache, stage: DemoStage, cfg: DemoConfig, **extra):
+def _train(mode: str, model_path, out_dir, data_dir, cache, stage: OptimConfig, cfg: DemoConfig, **extra):
     from npo_jax.run_config import load_run_config
     from npo_jax.train import Trainer
 
     overrides = [f"model.path={model_path}", f"output_dir={out_dir}", f"data.dir={data_dir}", f"cache_dir={cache}",
                  f"data.max_length={cfg.max_length}", f"data.length_buckets={list(cfg.length_buckets)}",
-                 f"optim.lr={stage.lr}", f"optim.epochs={stage.epochs}",
-                 f"optim.warmup_epochs={stage.warmup_epochs}", f"optim.effective_batch={stage.effective_batch}",
-                 f"optim.per_device_batch={stage.per_device_batch}", "parallel.data=1",
+                 *[f"optim.{k}={v}" for k, v in dataclasses.asdict(stage).items()], "parallel.data=1",
                  *[f"{k}={v}" for k, v in extra.items()]]
     trainer = Trainer(load_run_config(None, overrides), mode, overwrite=True)
     trainer.train()
@@ -121,14 +113,6 @@ def _train(mode: str, model_path, out_dir, data_dir, cache, stage: DemoStage, cf
 def run_demo(out: str | Path, config: str | Path | None = None, overrides=()) -> dict:
     import absl.logging
 
-    from npo_jax.data.tokenize import load_tokenizer
-    from npo_jax.demo_tokenizer import build_demo_tokenizer
-    from npo_jax.eval.aggregate import summary
-    from npo_jax.eval.cli import load_scorer
-    from npo_jax.eval.report import format_table, plot_truth_ratios
-    from npo_jax.eval.suite import Suite, write_outputs
-    from npo_jax.synthetic import make_synthetic_tofu
-
     absl.logging.set_verbosity(absl.logging.ERROR)  # Orbax's info/warnings would drown the demo's own output
     cfg = load_demo_config(config, overrides)
     out = Path(out)
@@ -136,17 +120,42 @@ def run_demo(out: str | Path, config: str | Path | None = None, overrides=()) ->
         raise NpoJaxError(f"{out}: output folder exists; choose a new one")
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    cache = out / "cache"
 
     print("[1/6] synthetic TOFU data and demo tokenizer")
+    data, tok_dir, init = _prepare(out, cfg)
+    runs = _train_models(out, cfg, data, init)
+    print("[5/6] TOFU evaluation of base, retain and unlearned models")
+    summaries = _evaluate(out, cfg, data, tok_dir, runs)
+    print("[6/6] export check: the HF folder in transformers vs our params")
+    unlearned = runs["unlearned"]
+    max_rel = _export_check(unlearned)
+    elapsed = time.perf_counter() - start
+    result = {**summaries, "elapsed_s": elapsed, "hf_export": str(unlearned / "hf"),
+              "export_logits_max_rel_diff": max_rel, "config": dataclasses.asdict(cfg),
+              "checks": _checks(summaries)}
+    (out / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
+    _print_result(result, out)
+    return result
+
+
+def _prepare(out: Path, cfg: DemoConfig) -> tuple[Path, Path, Path]:
+    """Synthetic TOFU data, a tokenizer built on it, and a random tiny model: (data, tokenizer, init)."""
+    from npo_jax.data.tokenize import load_tokenizer
+    from npo_jax.demo_tokenizer import build_demo_tokenizer
+    from npo_jax.synthetic import make_synthetic_tofu
+
     data = make_synthetic_tofu(out / "data", cfg.data.n_authors, cfg.data.seed)
     # questions and answers as separate texts: an answer starts a segment (no leading space) as in the chat
     texts = [t for r in map(json.loads, (data / "full.jsonl").read_text().splitlines())
              for t in (r["question"], r["answer"])]
     tok_dir = build_demo_tokenizer(texts, out / "tokenizer", cfg.data.vocab_size)
     tok = load_tokenizer(tok_dir)
-    init = _init_model(out, cfg, tok_dir, len(tok), tok.eos_token_id, tok.bos_token_id)
+    return data, tok_dir, _init_model(out, cfg, tok_dir, len(tok), tok.eos_token_id, tok.bos_token_id)
 
+
+def _train_models(out: Path, cfg: DemoConfig, data: Path, init: Path) -> dict[str, Path]:
+    """The base (fine-tuned on full), the retain reference (on retain90) and the unlearned runs' folders."""
+    cache = out / "cache"
     print("[2/6] fine-tune on full -> base model")
     base = _train("finetune", init, out / "base", data, cache, cfg.finetune, cfg, **{"data.finetune_split": "full",
                                                                                     "checkpoint.export_hf": "false"})
@@ -157,38 +166,42 @@ def run_demo(out: str | Path, config: str | Path | None = None, overrides=()) ->
     unlearned = _train("unlearn", base / "checkpoints", out / "unlearned", data, cache, cfg.unlearn, cfg,
                        **{"method.name": "NPO", "method.alpha": cfg.alpha, "method.beta": cfg.beta,
                           "checkpoint.export_hf": "true", "checkpoint.export_dtype": "float32"})
+    return {"base": base, "retain": retain, "unlearned": unlearned}
 
-    print("[5/6] TOFU evaluation of base, retain and unlearned models")
+
+def _evaluate(out: Path, cfg: DemoConfig, data: Path, tok_dir: Path, runs: dict[str, Path]) -> dict[str, dict]:
+    """The TOFU suite on each run (the retain model first: forget quality compares with it), logs
+    and truth-ratio plot written under `out`; returns each run's summary (base, retain, unlearned)."""
+    from npo_jax.eval.aggregate import summary
+    from npo_jax.eval.cli import load_scorer
+    from npo_jax.eval.report import plot_truth_ratios
+    from npo_jax.eval.suite import Suite, write_outputs
+
     logs = {}
-    for name, run in (("retain", retain), ("base", base), ("unlearned", unlearned)):
-        scorer = load_scorer(run / "checkpoints", tok_dir, batch_size=cfg.eval_batch_size,
+    for name in ("retain", "base", "unlearned"):
+        scorer = load_scorer(runs[name] / "checkpoints", tok_dir, batch_size=cfg.eval_batch_size,
                              max_new_tokens=cfg.max_new_tokens)
-        suite = Suite(scorer, data_dir=data, tfds_dir=cache / "tfds", holdout_split="holdout10")
+        suite = Suite(scorer, data_dir=data, tfds_dir=out / "cache" / "tfds", holdout_split="holdout10")
         logs[name] = suite.run(logs.get("retain"))
         write_outputs(out / "eval" / name, logs[name])
     plot_truth_ratios(out / "truth_ratios.png", {"unlearned": logs["unlearned"], "retain": logs["retain"],
                                                  "base": logs["base"]})
+    return {name: summary(logs[name]) for name in ("base", "retain", "unlearned")}
 
-    print("[6/6] export check: the HF folder in transformers vs our params")
-    max_rel = _export_check(unlearned)
-    summaries = {name: summary(log) for name, log in logs.items()}
-    elapsed = time.perf_counter() - start
-    result = {**{k: summaries[k] for k in ("base", "retain", "unlearned")}, "elapsed_s": elapsed,
-              "hf_export": str(unlearned / "hf"), "export_logits_max_rel_diff": max_rel,
-              "config": dataclasses.asdict(cfg)}
-    checks = _checks(summaries)
-    result["checks"] = checks
-    (out / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
+
+def _print_result(result: dict, out: Path) -> None:
+    from npo_jax.eval.report import format_table
+
     keys = ("forget_quality", "model_utility", "forget_Q_A_Prob", "forget_Q_A_ROUGE", "retain_Q_A_Prob",
             "retain_Q_A_ROUGE", "forget_truth_ratio", "privleak")
     print()
-    print(format_table({k: summaries[k] for k in ("base", "retain", "unlearned")}, keys))
+    print(format_table({k: result[k] for k in ("base", "retain", "unlearned")}, keys))
     print()
-    for text, ok in checks.items():
+    for text, ok in result["checks"].items():
         print(f"  [{'ok' if ok else 'FAILED'}] {text}")
-    print(f"\nexported HF model: {unlearned / 'hf'} (transformers logits within {max_rel:.1e} of ours)")
-    print(f"demo finished in {elapsed:.0f} s; summary: {out / 'summary.json'}")
-    return result
+    print(f"\nexported HF model: {result['hf_export']} (transformers logits within "
+          f"{result['export_logits_max_rel_diff']:.1e} of ours)")
+    print(f"demo finished in {result['elapsed_s']:.0f} s; summary: {out / 'summary.json'}")
 
 
 def _checks(s: dict) -> dict:

@@ -1,4 +1,4 @@
-"""One error type for bad input, so the CLI can print it cleanly and exit non-zero."""
+"""The errors the CLI reports cleanly: bad input (exit code 2) and a preempted training run (75)."""
 
 
 class NpoJaxError(Exception):

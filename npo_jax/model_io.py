@@ -1,15 +1,27 @@
-"""Loading params from what users point `model.path` at: an HF folder or an Orbax checkpoint."""
+"""Loading params from what users point `model.path` at: an HF folder or an Orbax checkpoint.
+
+An HF Llama folder is read tensor by tensor (`npo_jax.safetensors_io`): everything is validated
+against the parameter table (`npo_jax.params`) first, then each of our (stacked) params is filled
+layer by layer, cast on assignment, and optionally placed onto its sharding. The torch model is
+never built. `convert.hf_to_orbax` streams the same arrays into a checkpoint.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
 
-from convert.hf_to_orbax import load_hf_params
-from convert.safetensors_io import INDEX_NAME, SINGLE_NAME
+import jax
+import numpy as np
+from tqdm import tqdm
+
 from npo_jax.checkpoint import ParamsReader
 from npo_jax.config import LlamaConfig, read_config_dict
+from npo_jax.dtypes import dtype as dtype_named
 from npo_jax.errors import NpoJaxError
+from npo_jax.params import IGNORED_HF_SUFFIXES, param_specs, stored_shape
+from npo_jax.safetensors_io import FLOAT_DTYPES, INDEX_NAME, SINGLE_NAME, HFWeights
+from npo_jax.tree_paths import get_path, set_path
 
 
 @dataclasses.dataclass
@@ -25,9 +37,64 @@ def is_hf_folder(path: Path) -> bool:
     return (path / "config.json").is_file() and ((path / SINGLE_NAME).is_file() or (path / INDEX_NAME).is_file())
 
 
-def model_config(path: str | Path) -> LlamaConfig:
-    path = Path(path)
-    return LlamaConfig.from_hf_dict(read_config_dict(path / "config.json"), source=str(path / "config.json"))
+def validate_hf_tensors(weights: HFWeights, cfg: LlamaConfig) -> None:
+    """Every expected tensor present with the right shape and a float dtype; nothing extra."""
+    specs = param_specs(cfg)
+    expected = {name: spec.hf_shape for spec in specs for name in spec.hf_names(cfg.num_hidden_layers)}
+    for name, shape in expected.items():
+        if name not in weights.location:
+            raise NpoJaxError(f"{weights.folder}: missing tensor '{name}' (expected shape {list(shape)})")
+        tag, got = weights.info(name)
+        file = weights.location[name]
+        if got != shape:
+            raise NpoJaxError(f"{file}: tensor '{name}' has shape {list(got)}, expected {list(shape)}")
+        if tag not in FLOAT_DTYPES:
+            raise NpoJaxError(f"{file}: tensor '{name}' has dtype {tag}, expected a float dtype "
+                              f"({', '.join(FLOAT_DTYPES)})")
+    extra = sorted(n for n in weights.names() - expected.keys() if not n.endswith(IGNORED_HF_SUFFIXES))
+    if extra:
+        more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
+        hint = " (config.json says tie_word_embeddings: true)" if extra[0] == "lm_head.weight" else ""
+        raise NpoJaxError(f"{weights.location[extra[0]]}: unexpected tensor '{extra[0]}'{hint}{more}")
+
+
+def read_hf_params(folder: str | Path, dtype: str = "float32", shardings: dict | None = None,
+                   progress: bool = False):
+    """Validate an HF Llama folder, then stream our params from it.
+
+    Returns (config, iterator of (path, array)): each array is one of our (stacked) params in
+    `dtype`, filled layer by layer from the safetensors files, and placed on its sharding
+    when `shardings` is given. Everything is checked before the first tensor is read.
+    """
+    folder = Path(folder)
+    cfg = LlamaConfig.from_folder(folder)
+    weights = HFWeights(folder)
+    validate_hf_tensors(weights, cfg)
+    target = dtype_named(dtype, "--dtype")
+
+    def arrays():
+        for spec in tqdm(param_specs(cfg), desc="hf -> params", unit="tensor", disable=not progress):
+            array = np.empty(stored_shape(spec, cfg), target)
+            if spec.stacked:
+                for i, name in enumerate(spec.hf_names(cfg.num_hidden_layers)):
+                    array[i] = spec.from_hf(weights.read(name))
+            else:
+                array[...] = spec.from_hf(weights.read(spec.hf_name))
+            if shardings is not None:
+                array = jax.device_put(array, get_path(shardings, spec.path))
+            yield spec.path, array
+
+    return cfg, arrays()
+
+
+def load_hf_params(folder: str | Path, dtype: str = "float32", shardings: dict | None = None,
+                   progress: bool = False) -> tuple[LlamaConfig, dict]:
+    """Read an HF Llama folder into our nested param dict (numpy, or jax arrays on `shardings`)."""
+    cfg, arrays = read_hf_params(folder, dtype, shardings, progress)
+    params: dict = {}
+    for path, array in arrays:
+        set_path(params, path, array)
+    return cfg, params
 
 
 def load_model(path: str | Path, shardings_for=None) -> LoadedModel:
@@ -38,7 +105,7 @@ def load_model(path: str | Path, shardings_for=None) -> LoadedModel:
     path = Path(path)
     if not path.is_dir():
         raise NpoJaxError(f"model.path {path}: no such folder")
-    cfg = model_config(path)
+    cfg = LlamaConfig.from_folder(path)
     shardings = shardings_for(cfg) if shardings_for else None
     if is_hf_folder(path):
         _, params = load_hf_params(path, "float32", shardings)

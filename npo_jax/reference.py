@@ -17,7 +17,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from npo_jax.data.batches import bucket_length, pad_examples
+from npo_jax.data.batches import bucket_length, length_sorted_batches, pad_examples
 from npo_jax.data.tokenize import Example
 from npo_jax.logprobs import sequence_logprob
 from npo_jax.model import merge_params, train_hidden
@@ -45,19 +45,21 @@ def _batch_logprob(graphdef, params, batch):
     return sequence_logprob(model.logits, hidden, batch["labels"], positions=batch.get("label_positions"))[0]
 
 
-def sequence_logprobs(graphdef, params, examples: list[Example], *, buckets: list[int], pad_id: int,
-                      eot_id: int | None, eot_mask_quirk: bool, batch_size: int = 16) -> np.ndarray:
+def reference_logprobs(graphdef, params, examples: list[Example], *, buckets: list[int], pad_id: int,
+                       eot_id: int | None, eot_mask_quirk: bool, batch_size: int = 16) -> np.ndarray:
     """Summed label log-prob of each example (float32), batched by length bucket."""
     out = np.zeros(len(examples), np.float32)
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        chunk = [examples[i] for i in idx]
+    for idx, filled in length_sorted_batches([len(e.input_ids) for e in examples], batch_size):
+        chunk = [examples[i] for i in filled]  # fixed batch shape: one compile per bucket
         length = bucket_length(max(len(e.input_ids) for e in chunk), buckets)
-        chunk += [chunk[-1]] * (batch_size - len(chunk))  # fixed batch shape: one compile per bucket
         batch = pad_examples(chunk, length, pad_id, eot_id, eot_mask_quirk)
         out[idx] = np.asarray(_batch_logprob(graphdef, params, batch))[: len(idx)]
     return out
+
+
+# The name train.py imports until it moves to `reference_logprobs` (`logprobs.sequence_logprob` is
+# the per-batch function; this was too close to it). Remove with that import.
+sequence_logprobs = reference_logprobs
 
 
 def cached_reference_logprobs(cache_dir: Path, key: str, compute) -> tuple[np.ndarray, bool]:

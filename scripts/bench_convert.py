@@ -24,10 +24,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from convert.orbax_to_hf import _plan_shards, parse_size  # noqa: E402
-from convert.safetensors_io import INDEX_NAME, SafetensorsWriter  # noqa: E402
+from convert.safetensors_writer import SafetensorsWriter  # noqa: E402
 from npo_jax.config import LlamaConfig, read_config_dict, with_dtype  # noqa: E402
 from npo_jax.dtypes import dtype as np_dtype  # noqa: E402
 from npo_jax.params import hf_tensor_shapes  # noqa: E402
+from npo_jax.safetensors_io import INDEX_NAME  # noqa: E402
 
 DEFAULT_CONFIG = ROOT.parent / "shared" / "llama3" / "Llama-3.2-3B-Instruct" / "config.json"
 

@@ -40,3 +40,16 @@ def test_demo_config_loads():
 
     cfg = load_demo_config(Path(__file__).resolve().parents[1] / "configs/demo.yaml")
     assert (cfg.alpha, cfg.beta, cfg.unlearn.epochs) == (2.0, 0.1, 5)
+
+
+@pytest.mark.parametrize(("given", "used"), [(None, "forget05"), ("forget10", "forget10"), ("forget01", "forget01")])
+def test_eval_run_folder_forget_split(tmp_path, given, used):
+    """`npo-jax eval --run RUN`: the run's forget split unless --forget-split names one (forget10 too)."""
+    from npo_jax.cli import build_parser
+    from npo_jax.eval.cli import apply_run_folder
+
+    (tmp_path / "config.yaml").write_text("model:\n  path: m\noutput_dir: o\ndata:\n  forget_split: forget05\n")
+    args = build_parser().parse_args(["eval", "--run", str(tmp_path),
+                                      *(["--forget-split", given] if given else [])])
+    apply_run_folder(args)
+    assert args.forget_split == used

@@ -12,10 +12,10 @@ import transformers
 from hf_models import make_hf_model, tiny_config
 from safetensors import safe_open
 
-from convert import load_hf_params
 from npo_jax.checkpoint import ParamsReader, copy_side_files
 from npo_jax.cli import main
 from npo_jax.model import abstract_model, merge_params, split_params
+from npo_jax.model_io import load_hf_params
 from npo_jax.sharding import make_mesh, param_partition_specs, param_shardings
 
 

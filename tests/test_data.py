@@ -12,7 +12,14 @@ import pytest
 from conftest import LLAMA3_DIR, SHARED, require_shared
 from tofu_fixture import qa_rows, write_split
 
-from npo_jax.data.batches import StepPlan, label_width, pad_examples, retain_pairing, step_batch
+from npo_jax.data.batches import (
+    StepPlan,
+    label_width,
+    length_sorted_batches,
+    pad_examples,
+    retain_pairing,
+    step_batch,
+)
 from npo_jax.data.tofu import SPLIT_FIELDS, Tofu, load_split
 from npo_jax.data.tokenize import IGNORE, Example, encode_qa, encode_qa_pairs, load_tokenizer
 from npo_jax.errors import NpoJaxError
@@ -151,3 +158,11 @@ def test_pairing_and_epoch_plan():
     epoch0 = np.concatenate([plan.indices(s) for s in range(12)])
     assert len(set(epoch0.tolist())) == 384  # no repeats within an epoch; 16 left for other epochs
     assert not np.array_equal(plan.indices(0), plan.indices(12))
+
+
+def test_length_sorted_batches():
+    lengths = [5, 2, 9, 2, 7]
+    assert list(length_sorted_batches(lengths, 2)) == [([1, 3], [1, 3]), ([0, 4], [0, 4]), ([2], [2, 2])]
+    # the last batch filled to a row count of the caller's choosing
+    assert list(length_sorted_batches(lengths, 4, rows=lambda n: 1 << (n - 1).bit_length()))[-1] == ([2], [2])
+    assert list(length_sorted_batches([], 4)) == []

@@ -7,9 +7,9 @@ import torch
 from hf_models import load_hf, make_hf_model, tiny_config
 from transformers.generation.logits_process import TopPLogitsWarper
 
-from convert import load_hf_params
 from npo_jax.generate import generate, sample_next
 from npo_jax.model import abstract_model, split_params
+from npo_jax.model_io import load_hf_params
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [20, 21, 22, 23, 24], [30]]
 

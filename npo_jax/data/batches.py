@@ -17,6 +17,7 @@ half is too few: at most one more shape, so one more compile, per length bucket.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -29,6 +30,19 @@ def bucket_length(n: int, buckets: list[int]) -> int:
         if n <= b:
             return b
     return buckets[-1]
+
+
+def length_sorted_batches(lengths: Sequence[int], batch_size: int, rows: Callable[[int], int] | None = None
+                          ) -> Iterator[tuple[list[int], list[int]]]:
+    """Item indices sorted by length (ties in order), `batch_size` at a time: yields (idx, filled),
+    `filled` being `idx` with its last index repeated up to `rows(len(idx))` rows (default
+    `batch_size`), so that a part-filled last batch keeps a fixed shape (one compile per shape).
+    Results for the filler rows are dropped: keep the first `len(idx)`."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        filled = idx + [idx[-1]] * ((rows(len(idx)) if rows else batch_size) - len(idx))
+        yield idx, filled
 
 
 def label_width(examples: list[Example], length: int) -> int:

@@ -79,12 +79,8 @@ def render_chats(tokenizer, chats: list, fmt: ChatFormat, generation_prompt: boo
     return [list(x) for x in ids]
 
 
-def encode_prompt(tokenizer, question: str, fmt: ChatFormat = ChatFormat()) -> np.ndarray:
-    """The generation prompt: chat up to the assistant header."""
-    return encode_prompts(tokenizer, [question], fmt)[0]
-
-
 def encode_prompts(tokenizer, questions: list[str], fmt: ChatFormat = ChatFormat()) -> list[np.ndarray]:
+    """The generation prompts: each chat up to the assistant header."""
     chats = [_chat(q, None, fmt) for q in questions]
     return [np.asarray(p, np.int32) for p in render_chats(tokenizer, chats, fmt, True)]
 

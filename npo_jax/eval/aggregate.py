@@ -16,10 +16,6 @@ from npo_jax.errors import NpoJaxError
 from npo_jax.eval import metrics as m
 from npo_jax.fs import read_json_object
 
-PROB = "prob"
-SUMMARY_KEYS = ("forget_quality", "forget_Q_A_Prob", "forget_Q_A_ROUGE", "model_utility", "extraction_strength",
-                "exact_memorization", "privleak", "mia_min_k")
-
 
 def aggregate(per_item: dict, retain_log: dict | None = None) -> dict:
     out: dict = {}

@@ -39,7 +39,7 @@ def apply_run_folder(args) -> None:
     args.model = args.model or str(run / "checkpoints")
     args.data_dir = args.data_dir or cfg.data.dir
     args.tfds_dir = args.tfds_dir or cfg.data.tfds_dir or str(cache_dir(cfg.cache_dir) / "tfds")
-    args.forget_split = cfg.data.forget_split if args.forget_split == "forget10" else args.forget_split
+    args.forget_split = args.forget_split or cfg.data.forget_split
     args.eot_mask_quirk = args.eot_mask_quirk or cfg.data.eot_mask_quirk
     args.out = args.out or str(run / "eval")
 
@@ -47,6 +47,7 @@ def apply_run_folder(args) -> None:
 def run_eval(args) -> dict:
     if getattr(args, "run", None):
         apply_run_folder(args)
+    args.forget_split = args.forget_split or "forget10"
     if not args.out:
         raise NpoJaxError("eval: --out is required (or --run)")
     retain_log = read_log(args.retain_logs, "retain log") if args.retain_logs else None
