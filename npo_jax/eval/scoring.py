@@ -1,12 +1,13 @@
-"""The JAX scorer: a model handle plus the batching settings, with one entry point per user.
+"""The JAX scorer: a model handle plus batching settings, and the entry points its users call.
 
-`score_and_generate` (the TOFU suite, `SuiteScorer`) scores (question, answer) pairs teacher
-forced and answers questions greedily in one pass; `score_answers` (the audit) scores pairs only;
-`generate_answers` answers questions apart; `generate_ids` (the audit) continues prompts given as
-token ids, greedy or sampled. Per pair the score is the mean token NLL over the answer's labelled
-tokens (the closing eos included, as open-unlearning's `evaluate_probability`), and the per-token
-log-probs and greedy predictions of the answer tokens without the eos (what `tokenwise_logprobs`
-and the extraction-strength / exact-memorization metrics use).
+`score_and_generate` (the TOFU suite, as a `SuiteScorer`) scores (question, answer) pairs teacher
+forced and answers the questions greedily, in one pass; the audit's probes call `score_answers`
+(pairs only), `generate_answers` (questions only) and `generate_ids` (prompts given as token ids,
+greedy or sampled), and relearn on a copy made by `with_params`. Per pair the score is the mean
+token NLL over the answer's labelled tokens (the closing eos included, as open-unlearning's
+`evaluate_probability`), and the per-token log-probs and greedy predictions of the answer tokens
+without the eos (what `tokenwise_logprobs` and the extraction-strength / exact-memorization
+metrics use).
 
 The work is elsewhere: the model handle in `lm`, the compiled scoring passes in `teacher_forced`,
 generation in `generation`, the batches and their order (prompt sharing, jobs in flight) in
