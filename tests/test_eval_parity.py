@@ -211,6 +211,24 @@ def scorer_config_eos(scorer):
     return merge_params(scorer.lm.graphdef, scorer.lm.params).config.eos_token_ids
 
 
+def test_eval_parity_script_runs_both_scorers(trained):
+    """scripts/eval_parity.py: the suite on the JAX and the transformers scorer, the per-metric
+    differences (small: same model, float32) and, with --bench, each scorer's phases."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root, data, hf_dir = trained
+    script = Path(__file__).resolve().parents[1] / "scripts" / "eval_parity.py"
+    out = subprocess.run([sys.executable, str(script), str(hf_dir), "--data-dir", str(data), "--tfds-dir",
+                          str(root / "tfds"), "--limit", "3", "--max-new-tokens", "8", "--batch-size", "8",
+                          "--bench", "--rounds", "1"], check=True, capture_output=True, text=True).stdout
+    rows = [line.split() for line in out.splitlines() if line.startswith(("forget_", "retain_", "ra_", "wf_"))]
+    assert len(rows) >= 12 and all(float(r[3]) < 1e-4 for r in rows), out
+    assert "identical generations: " in out and "speed-up (transformers / jax" in out
+    assert "(one pass: " in out and "transformers, warm" in out
+
+
 def test_eval_cli_writes_open_unlearning_layout(trained, tmp_path, capsys):
     root, data, hf_dir = trained
     common = ["--data-dir", str(data), "--tfds-dir", str(root / "tfds"), "--max-new-tokens", "16",
