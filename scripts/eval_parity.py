@@ -28,7 +28,6 @@ from npo_jax.eval.aggregate import aggregate  # noqa: E402
 from npo_jax.eval.cli import load_scorer  # noqa: E402
 from npo_jax.eval.hf_reference import TorchScorer  # noqa: E402
 from npo_jax.eval.suite import Suite  # noqa: E402
-from npo_jax.model import merge_params  # noqa: E402
 
 
 def run(suite: Suite) -> tuple[dict, float]:
@@ -66,10 +65,9 @@ def main() -> None:
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     scorer = load_scorer(args.model, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
-    eos = merge_params(scorer.graphdef, scorer.params).config.eos_token_ids
     hf = transformers.LlamaForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
     torch_scorer = TorchScorer(hf, scorer.tokenizer, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                               eos_ids=eos)
+                               eos_ids=scorer.lm.eos_ids)
     kw = dict(data_dir=args.data_dir, tfds_dir=args.tfds_dir, forget_split=args.forget_split,
               holdout_split=args.holdout_split, limit=args.limit, progress=False)
 

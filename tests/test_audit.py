@@ -285,7 +285,7 @@ def _cli_args(world, models, out):
 def test_cli_hf_and_orbax_models_side_by_side_and_reproducible(world, capsys):
     memoriser_dir = world.root / "memoriser_orbax"
     memoriser_dir.mkdir()
-    save_params_checkpoint(memoriser_dir, iter_paths(jax.device_get(world.memoriser.params)), world.random_dir,
+    save_params_checkpoint(memoriser_dir, iter_paths(jax.device_get(world.memoriser.lm.params)), world.random_dir,
                            "float32")
     models = [f"random={world.random_dir}", f"memoriser={memoriser_dir}"]  # an HF folder, an Orbax checkpoint
     outs = [world.root / "audit1", world.root / "audit2"]

@@ -14,11 +14,11 @@ from npo_jax.cli import main
 from npo_jax.data.tofu import load_split
 from npo_jax.data.tokenize import encode_prompts
 from npo_jax.errors import NpoJaxError
+from npo_jax.eval import generation, schedule, scoring, teacher_forced
 from npo_jax.eval import metrics as m
-from npo_jax.eval import scoring
+from npo_jax.eval.batching import PROMPT_MULTIPLE
 from npo_jax.eval.cli import load_scorer
 from npo_jax.eval.hf_reference import hf_generate, hf_score
-from npo_jax.eval.scoring import PROMPT_MULTIPLE
 from npo_jax.run_config import load_run_config
 from npo_jax.train import Trainer
 
@@ -69,7 +69,8 @@ def test_per_item_values_match_transformers(trained):
 
     eos = sorted({tok.eos_token_id, *scorer_config_eos(scorer)})
     # batches of 5, then 3 rows decoded as 4 (a part-filled batch runs the next power of two)
-    ours_gen = dataclasses.replace(scorer, batch_size=5).generate_tokens([r["question"] for r in rows])
+    ours_gen = dataclasses.replace(scorer, batch_size=5).generate_ids(
+        encode_prompts(tok, [r["question"] for r in rows], scorer.fmt))
     for r, g in zip(rows, ours_gen, strict=True):
         ref = hf_generate(hf, tok, r["question"], max_new_tokens=24, eos_ids=eos)
         np.testing.assert_array_equal(g, ref)
@@ -87,14 +88,14 @@ def test_prompts_run_once_and_answers_on_their_cache_match_transformers(trained,
 
     root, data, hf_dir = trained
     # 7 prompts x 8 answers in batches of 5: part-filled prefill and answer batches
-    scorer = dataclasses.replace(load_scorer(hf_dir, batch_size=5, max_new_tokens=8), eot_mask_quirk=quirk)
+    scorer = load_scorer(hf_dir, batch_size=5, max_new_tokens=8, eot_mask_quirk=quirk)
     hf = transformers.LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     rows = list(load_split("forget10_perturbed", data, root / "tfds"))[:7]
     pairs = [(r["question"], a) for r in rows for a in (r["answer"], r["paraphrased_answer"], *r["perturbed_answer"],
                                                          r["answer"] + " " + r["paraphrased_answer"] * 3)]
     # the prompts' shared system turn is prefilled once, as one row (so that path is what is checked)
     prompts = encode_prompts(scorer.tokenizer, [r["question"] for r in rows], scorer.fmt)
-    assert scorer._prefill_prefix(prompts)[2] >= PROMPT_MULTIPLE
+    assert teacher_forced.prefill_prefix(scorer.lm, prompts)[2] >= PROMPT_MULTIPLE
     whole = dataclasses.replace(scorer, share_prompts=False).score_answers(pairs)
     shared = dataclasses.replace(scorer, share_prompts=True).score_answers(pairs)
     by_batch = dataclasses.replace(scorer, share_prompts=True, prompt_group=1).score_answers(pairs)
@@ -126,12 +127,12 @@ def test_generation_in_the_scoring_pass_matches_transformers(trained, quirk):
     is HF's greedy `generate` token for token, and the scores are `score_answers`'. With the
     quirk no cache is reused (its generation positions differ): the answers are the separate path's."""
     root, data, hf_dir = trained
-    scorer = dataclasses.replace(load_scorer(hf_dir, batch_size=5, max_new_tokens=16), eot_mask_quirk=quirk)
+    scorer = load_scorer(hf_dir, batch_size=5, max_new_tokens=16, eot_mask_quirk=quirk)
     hf = transformers.LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     rows = list(load_split("forget10_perturbed", data, root / "tfds"))[:8]
     pairs = [(r["question"], a) for r in rows[:7] for a in (r["answer"], *r["perturbed_answer"])]
     questions = [r["question"] for r in rows] + [rows[2]["question"]]  # rows[7] is in no pair
-    with mock.patch("npo_jax.eval.scoring._greedy_on_prompts", wraps=scoring._greedy_on_prompts) as reused:
+    with mock.patch("npo_jax.eval.generation.greedy_on_prompts", wraps=generation.greedy_on_prompts) as reused:
         scored, answers = scorer.score_and_generate(pairs, questions)
     assert reused.call_count == (0 if quirk else 2)
     for s, ref in zip(scored, scorer.score_answers(pairs), strict=True):
@@ -153,7 +154,7 @@ def test_scoring_keeps_few_batches_in_flight(trained):
     scorer = load_scorer(hf_dir, batch_size=2, max_new_tokens=4)
     rows = list(load_split("forget10_perturbed", data, root / "tfds"))[:4]
     pairs = [(r["question"], a) for r in rows for a in (r["answer"], *r["perturbed_answer"])]
-    events, score, read = [], scoring._score_on_prompts, scoring.Scorer._read
+    events, score, read = [], teacher_forced.score_on_prompts, schedule.Schedule._read
 
     def counted_score(*a, **k):
         events.append(1)
@@ -163,24 +164,69 @@ def test_scoring_keeps_few_batches_in_flight(trained):
         events.append(-1)
         return read(self, *a)
 
-    with (mock.patch("npo_jax.eval.scoring._score_on_prompts", side_effect=counted_score),
-          mock.patch.object(scoring.Scorer, "_read", counted_read)):
+    with (mock.patch("npo_jax.eval.teacher_forced.score_on_prompts", side_effect=counted_score),
+          mock.patch.object(schedule.Schedule, "_read", counted_read)):
         scorer.score_answers(pairs)
     ahead = np.cumsum(events)  # batches dispatched and not yet read
     assert len(events) == 2 * -(-len(pairs) // 2) and ahead[-1] == 0  # one group: batches of 2 across it
-    assert ahead.max() == scoring.IN_FLIGHT + 1 > 2
+    assert ahead.max() == schedule.IN_FLIGHT + 1 > 2
 
 
 def test_scorer_rejects_empty_batches():
     for name in ("batch_size", "prompt_group"):
         with pytest.raises(NpoJaxError, match=f"Scorer.{name} must be at least 1"):
-            scoring.Scorer(None, None, None, **{name: 0})
+            scoring.Scorer(None, **{name: 0})
+
+
+def test_both_scorers_are_suite_scorers():
+    """`Suite` takes either scorer through one protocol; the torch one scores, then generates,
+    and reports both phases' times."""
+    from types import SimpleNamespace
+
+    from npo_jax.eval import hf_reference
+    from npo_jax.eval.protocol import SuiteScorer
+
+    tok = SimpleNamespace(eos_token_id=2, decode=lambda t, skip_special_tokens: " ".join(map(str, t)) + " ")
+    torch_scorer = hf_reference.TorchScorer(None, tok)
+    assert isinstance(scoring.Scorer(None), SuiteScorer) and isinstance(torch_scorer, SuiteScorer)
+    item = {"avg_loss": 1.0, "token_logprobs": np.zeros(1), "preds": np.zeros(1), "labels": np.zeros(1)}
+    timings = {}
+    with (mock.patch.object(hf_reference, "hf_score_batch", return_value=[item]),
+          mock.patch.object(hf_reference, "hf_generate_batch", return_value=[np.array([7, 2])])):
+        scored, answers = torch_scorer.score_and_generate([("q", "a")], ["q"], None, timings)
+    assert [s.avg_loss for s in scored] == [1.0] and answers == ["7 2"]
+    assert set(timings) == {"scoring_s", "generation_s"}
+
+
+def test_length_batches_sort_and_pad_with_the_last():
+    from npo_jax.eval.batching import length_batches, part_rows
+
+    assert list(length_batches([5, 1, 3, 1, 9], 2)) == [([1, 3], [1, 3]), ([2, 0], [2, 0]), ([4], [4, 4])]
+    assert list(length_batches([5, 1, 3], 4, lambda n: part_rows(n, 4))) == [([1, 2, 0], [1, 2, 0, 0])]
 
 
 def scorer_config_eos(scorer):
     from npo_jax.model import merge_params
 
-    return merge_params(scorer.graphdef, scorer.params).config.eos_token_ids
+    return merge_params(scorer.lm.graphdef, scorer.lm.params).config.eos_token_ids
+
+
+def test_eval_parity_script_runs_both_scorers(trained):
+    """scripts/eval_parity.py: the suite on the JAX and the transformers scorer, the per-metric
+    differences (small: same model, float32) and, with --bench, each scorer's phases."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root, data, hf_dir = trained
+    script = Path(__file__).resolve().parents[1] / "scripts" / "eval_parity.py"
+    out = subprocess.run([sys.executable, str(script), str(hf_dir), "--data-dir", str(data), "--tfds-dir",
+                          str(root / "tfds"), "--limit", "3", "--max-new-tokens", "8", "--batch-size", "8",
+                          "--bench", "--rounds", "1"], check=True, capture_output=True, text=True).stdout
+    rows = [line.split() for line in out.splitlines() if line.startswith(("forget_", "retain_", "ra_", "wf_"))]
+    assert len(rows) >= 12 and all(float(r[3]) < 1e-4 for r in rows), out
+    assert "identical generations: " in out and "speed-up (transformers / jax" in out
+    assert "(one pass: " in out and "transformers, warm" in out
 
 
 def test_eval_cli_writes_open_unlearning_layout(trained, tmp_path, capsys):

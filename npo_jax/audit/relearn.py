@@ -10,7 +10,6 @@ seeded order, cycling over the data. One jit-compiled step per length bucket.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -18,7 +17,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from npo_jax.data.batches import bucket_length, pad_examples
 from npo_jax.data.tokenize import Example, encode_qa_pairs
 from npo_jax.eval.scoring import Scorer
 from npo_jax.losses import Objective, objective_loss
@@ -52,20 +50,19 @@ def _optimizer(lr: float, steps: int, treedef) -> optax.GradientTransformation:
 
 def finetune_examples(scorer: Scorer, examples: list[Example], *, steps: int, lr: float, batch_size: int = 8,
                       seed: int = 0) -> tuple[Scorer, list[float]]:
-    """A new Scorer with the fine-tuned params (the original is untouched) and the per-step losses."""
-    params = jax.tree.map(lambda x: jnp.array(x, jnp.float32), scorer.params)  # a copy: donated below
+    """The scorer on the fine-tuned params (the original is untouched) and the per-step losses.
+    Batches are padded to the scorer's length buckets with its model's mask convention."""
+    lm = scorer.lm
+    params = jax.tree.map(lambda x: jnp.array(x, jnp.float32), lm.params)  # a copy: donated below
     tx = _optimizer(float(lr), steps, jax.tree.structure(params))
     opt_state = tx.init(params)
     order = np.random.default_rng(seed).permutation(len(examples))
-    eos = scorer.tokenizer.eos_token_id
     losses = []
     for step in range(steps):
         chosen = [examples[order[(step * batch_size + j) % len(examples)]] for j in range(batch_size)]
-        length = bucket_length(max(len(e.input_ids) for e in chosen), list(scorer.buckets))
-        batch = pad_examples(chosen, length, scorer.pad_id, eos, scorer.eot_mask_quirk)
-        params, opt_state, loss = _step(scorer.graphdef, params, opt_state, batch, tx)
+        params, opt_state, loss = _step(lm.graphdef, params, opt_state, lm.pad(chosen, scorer.buckets), tx)
         losses.append(float(loss))
-    return dataclasses.replace(scorer, params=params), losses
+    return scorer.with_params(params), losses
 
 
 def finetune(scorer: Scorer, pairs: list[tuple[str, str]], **kwargs) -> tuple[Scorer, list[float]]:

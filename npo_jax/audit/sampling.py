@@ -15,4 +15,4 @@ def generate_texts(scorer: Scorer, prompts: list[np.ndarray], *, temperature: fl
                    seed: int = 0) -> list[str]:
     """One decoded continuation per prompt (special tokens skipped, cut at eos, stripped)."""
     tokens = scorer.generate_ids(prompts, temperature=temperature, top_p=top_p, seed=seed)
-    return [scorer.tokenizer.decode(t, skip_special_tokens=True).strip() for t in tokens]
+    return [scorer.lm.text(t) for t in tokens]

@@ -12,9 +12,10 @@ from npo_jax.eval.suite import write_outputs
 
 def load_scorer(model_path, tokenizer_path=None, *, compute_dtype="float32", batch_size=16, max_new_tokens=200,
                 eot_mask_quirk=False):
-
+    """The JAX scorer (`npo_jax.eval.scoring.Scorer`) of an HF model folder or an npo-jax checkpoint."""
     from npo_jax.data.tokenize import load_tokenizer
     from npo_jax.dtypes import dtype
+    from npo_jax.eval.lm import LoadedLM
     from npo_jax.eval.scoring import Scorer
     from npo_jax.model import abstract_model, split_params
     from npo_jax.model_io import load_model
@@ -25,8 +26,8 @@ def load_scorer(model_path, tokenizer_path=None, *, compute_dtype="float32", bat
     tokenizer = load_tokenizer(tokenizer_path or model_path)
     loaded = load_model(model_path)
     graphdef, _ = split_params(abstract_model(loaded.config, compute_dtype=dtype(compute_dtype, "compute dtype")))
-    return Scorer(graphdef, loaded.params, tokenizer, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                  eot_mask_quirk=eot_mask_quirk)
+    lm = LoadedLM(graphdef, loaded.params, tokenizer, eot_mask_quirk=eot_mask_quirk)
+    return Scorer(lm, batch_size=batch_size, max_new_tokens=max_new_tokens)
 
 
 def apply_run_folder(args) -> None:

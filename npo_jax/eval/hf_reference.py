@@ -7,9 +7,12 @@ Independent of the JAX evaluator (own tokenization, one item at a time, HF forwa
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from npo_jax.data.tokenize import pad_token_id
+from npo_jax.eval.protocol import Scored
 
 
 def _chat(question, answer, system_prompt, with_answer=True):
@@ -128,29 +131,34 @@ def hf_generate_batch(model, tokenizer, questions, *, batch_size=16, max_new_tok
 
 
 class TorchScorer:
-    """The transformers counterpart of `npo_jax.eval.scoring.Scorer` (same methods), so the TOFU
-    suite can run on either for the parity tool and benchmark."""
+    """The transformers counterpart of `npo_jax.eval.scoring.Scorer`: a `SuiteScorer`, so the TOFU
+    suite can run on either for the parity tool and benchmark (scoring, then generation)."""
 
     def __init__(self, model, tokenizer, *, batch_size=16, max_new_tokens=200, eos_ids=None):
         self.model, self.tokenizer = model, tokenizer
         self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
         self.eos_ids = sorted(set(eos_ids or []) | {tokenizer.eos_token_id})
 
-    def score_answers(self, pairs, progress=None):
-        from npo_jax.eval.scoring import Scored
+    def score_and_generate(self, pairs, questions, progress=None, timings=None):
+        """`score_answers(pairs)`, then `generate_answers(questions)`, each timed."""
+        t0 = time.perf_counter()
+        scored = self.score_answers(pairs, progress)
+        t1 = time.perf_counter()
+        answers = self.generate_answers(questions, progress)
+        if timings is not None:
+            timings.update(scoring_s=t1 - t0, generation_s=time.perf_counter() - t1)
+        return scored, answers
 
+    def score_answers(self, pairs, progress=None):
         items = hf_score_batch(self.model, self.tokenizer, pairs, batch_size=self.batch_size)
         if progress is not None:
             progress.update(len(pairs))
         return [Scored(d["avg_loss"], d["token_logprobs"], d["preds"], d["labels"]) for d in items]
 
-    def generate_tokens(self, questions, progress=None):
-        out = hf_generate_batch(self.model, self.tokenizer, questions, batch_size=self.batch_size,
-                                max_new_tokens=self.max_new_tokens, eos_ids=self.eos_ids)
+    def generate_answers(self, questions, progress=None):
+        """Greedy answers decoded with special tokens skipped, cut at eos, stripped."""
+        tokens = hf_generate_batch(self.model, self.tokenizer, questions, batch_size=self.batch_size,
+                                   max_new_tokens=self.max_new_tokens, eos_ids=self.eos_ids)
         if progress is not None:
             progress.update(len(questions))
-        return out
-
-    def generate_answers(self, questions, progress=None):
-        return [self.tokenizer.decode(t, skip_special_tokens=True).strip()
-                for t in self.generate_tokens(questions, progress)]
+        return [self.tokenizer.decode(t, skip_special_tokens=True).strip() for t in tokens]

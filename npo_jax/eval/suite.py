@@ -10,7 +10,6 @@ MIA (`mia_min_k`, `mia_loss`) on the forget answers against a holdout split, whe
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +18,7 @@ from tqdm import tqdm
 from npo_jax.data.tofu import load_split
 from npo_jax.eval import metrics as m
 from npo_jax.eval.aggregate import aggregate, summary
-from npo_jax.eval.scoring import Scorer
+from npo_jax.eval.protocol import SuiteScorer
 from npo_jax.fs import atomic_output_dir
 
 ROUGE_TYPES = ("rouge1", "rougeL")
@@ -58,7 +57,7 @@ def _split(flat: list, groups):
 
 
 class Suite:
-    def __init__(self, scorer: Scorer, *, data_dir=None, tfds_dir=None, forget_split: str = "forget10",
+    def __init__(self, scorer: SuiteScorer, *, data_dir=None, tfds_dir=None, forget_split: str = "forget10",
                  holdout_split: str | None = None, limit: int | None = None, progress: bool = True):
         self.scorer, self.progress = scorer, progress
         self.splits = {
@@ -70,7 +69,8 @@ class Suite:
         if holdout_split:
             self.splits["holdout"] = load_split(holdout_split, data_dir, tfds_dir)
         self.rows = {k: [s[i] for i in range(min(len(s), limit or len(s)))] for k, s in self.splits.items()}
-        # scoring_s and generation_s, or scoring_and_generation_s when the scorer does both in one pass
+        # the scorer's phases in seconds: scoring_and_generation_s when it does both in one pass,
+        # else scoring_s and generation_s
         self.timings: dict[str, float] = {}
 
     def _bar(self, desc, total):
@@ -78,22 +78,12 @@ class Suite:
 
     def _score_and_generate(self, requests: dict[str, list], splits: dict[str, list]) -> tuple[dict, dict]:
         """All scoring requests in one call (fewer part-filled batches, better length grouping),
-        and the greedy answers to the splits' questions: in the same pass when the scorer can
-        (`Scorer.score_and_generate`: the questions' prompts run once), else one after the other."""
+        and the greedy answers to the splits' questions, in the same call (the JAX scorer runs
+        the questions' prompts once for both)."""
         flat = [pair for pairs in requests.values() for pair in pairs]
         questions = [r["question"] for rows in splits.values() for r in rows]
-        t0 = time.perf_counter()
-        if hasattr(self.scorer, "score_and_generate"):
-            with self._bar("scoring and generation", len(flat) + len(questions)) as bar:
-                scored, answers = self.scorer.score_and_generate(flat, questions, bar)
-            self.timings["scoring_and_generation_s"] = time.perf_counter() - t0
-        else:
-            with self._bar("scoring", len(flat)) as bar:
-                scored = self.scorer.score_answers(flat, bar)
-            t1 = time.perf_counter()
-            with self._bar("generation", len(questions)) as bar:
-                answers = self.scorer.generate_answers(questions, bar)
-            self.timings.update(scoring_s=t1 - t0, generation_s=time.perf_counter() - t1)
+        with self._bar("scoring and generation", len(flat) + len(questions)) as bar:
+            scored, answers = self.scorer.score_and_generate(flat, questions, bar, self.timings)
         return _split(scored, requests), _split(answers, splits)
 
     def per_item(self) -> dict:
