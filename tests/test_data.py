@@ -166,3 +166,10 @@ def test_length_sorted_batches():
     # the last batch filled to a row count of the caller's choosing
     assert list(length_sorted_batches(lengths, 4, rows=lambda n: 1 << (n - 1).bit_length()))[-1] == ([2], [2])
     assert list(length_sorted_batches([], 4)) == []
+
+
+def test_part_rows_next_power_of_two_up_to_the_batch():
+    from npo_jax.eval.batching import part_rows
+
+    assert [part_rows(n, 16) for n in (1, 2, 3, 5, 9, 16)] == [1, 2, 4, 8, 16, 16]
+    assert part_rows(3, 4) == 4

@@ -198,13 +198,6 @@ def test_both_scorers_are_suite_scorers():
     assert set(timings) == {"scoring_s", "generation_s"}
 
 
-def test_length_batches_sort_and_pad_with_the_last():
-    from npo_jax.eval.batching import length_batches, part_rows
-
-    assert list(length_batches([5, 1, 3, 1, 9], 2)) == [([1, 3], [1, 3]), ([2, 0], [2, 0]), ([4], [4, 4])]
-    assert list(length_batches([5, 1, 3], 4, lambda n: part_rows(n, 4))) == [([1, 2, 0], [1, 2, 0, 0])]
-
-
 def scorer_config_eos(scorer):
     from npo_jax.model import merge_params
 

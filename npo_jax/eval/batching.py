@@ -1,14 +1,12 @@
 """Evaluation's batch shapes: which items share a batch and how many rows and columns it runs as.
 
 Every compiled forward pass runs once per shape, so shapes come from a few rules kept here: items
-sorted by length and cut into batches (`length_batches`), a part-filled batch padded with copies
-of its last item to the batch size or to the next power of two (`part_rows`), prompts padded to
-a multiple of `PROMPT_MULTIPLE` (`prompt_width`).
+sorted by length and cut into batches (`data.batches.length_sorted_batches`), a part-filled batch
+padded with copies of its last item to the batch size or to the next power of two (`part_rows`),
+prompts padded to a multiple of `PROMPT_MULTIPLE` (`prompt_width`).
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable, Iterator, Sequence
 
 # prompts (prefilled for generation, or once per distinct prompt for scoring) are padded to a
 # multiple of this: the prefill is a large part of their cost, so finer than the scoring
@@ -23,15 +21,3 @@ def prompt_width(n: int) -> int:
 def part_rows(n: int, batch_size: int) -> int:
     """Rows a batch of n runs as: the batch size, or the next power of two for a part-filled one."""
     return min(batch_size, 1 << (n - 1).bit_length())
-
-
-def length_batches(lengths: Sequence[int], batch_size: int,
-                   rows: Callable[[int], int] | None = None) -> Iterator[tuple[list[int], list[int]]]:
-    """Item indices sorted by length (stable), in batches of `batch_size`: yields (indices, padded),
-    `padded` being the indices with the last repeated up to `rows(len(indices))` rows (default:
-    the batch size, one shape per length bucket)."""
-    order = sorted(range(len(lengths)), key=lengths.__getitem__)
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        n = batch_size if rows is None else rows(len(idx))
-        yield idx, idx + [idx[-1]] * (n - len(idx))

@@ -14,7 +14,8 @@ import functools
 import jax
 import numpy as np
 
-from npo_jax.eval.batching import length_batches, part_rows, prompt_width
+from npo_jax.data.batches import length_sorted_batches
+from npo_jax.eval.batching import part_rows, prompt_width
 from npo_jax.eval.lm import LoadedLM
 from npo_jax.generate import decode, finished, generate
 from npo_jax.model import KVCache, merge_params
@@ -64,7 +65,7 @@ def generate_ids(lm: LoadedLM, prompts: list[np.ndarray], *, batch_size: int, ma
     decodes as few rows as the next power of two (a compile of its own): every decode step streams
     all weights whatever the row count. Sampled batch b uses `SeedSequence([seed, b])`."""
     answers: list[np.ndarray | None] = [None] * len(prompts)
-    batches = length_batches([len(p) for p in prompts], batch_size, lambda n: part_rows(n, batch_size))
+    batches = length_sorted_batches([len(p) for p in prompts], batch_size, lambda n: part_rows(n, batch_size))
     for b, (idx, padded) in enumerate(batches):
         ids, mask = _left_padded(lm, [prompts[i] for i in padded])
         batch_seed = int(np.random.SeedSequence([seed, b]).generate_state(1)[0]) if temperature > 0 else 0

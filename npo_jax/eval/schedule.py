@@ -25,8 +25,9 @@ from typing import NamedTuple
 
 import numpy as np
 
+from npo_jax.data.batches import length_sorted_batches
 from npo_jax.data.tokenize import Example
-from npo_jax.eval.batching import length_batches, part_rows
+from npo_jax.eval.batching import part_rows
 from npo_jax.eval.generation import decode_on_prompts, read_decoded
 from npo_jax.eval.lm import LoadedLM
 from npo_jax.eval.protocol import Scored
@@ -90,7 +91,7 @@ class Schedule:
 
     def whole(self, examples: list[Example], buckets) -> Iterator[ScoreJob]:
         """Whole sequences sorted by length, `batch_size` rows each, right padded to `buckets`."""
-        for idx, padded in length_batches([len(e.input_ids) for e in examples], self.batch_size):
+        for idx, padded in length_sorted_batches([len(e.input_ids) for e in examples], self.batch_size):
             yield ScoreJob(idx, *score_whole(self.lm, [examples[i] for i in padded], buckets))
 
     def shared(self, examples: list[Example], splits: list[int], groups: dict[bytes, list[int]],
@@ -115,7 +116,7 @@ class Schedule:
         """The group's answers on its prompt rows, sorted by length across the group."""
         rows = [(r, i) for r, g in enumerate(chunk) for i in g]
         lengths = [len(examples[i].input_ids) - splits[i] for _, i in rows]
-        for idx, padded in length_batches(lengths, self.batch_size):
+        for idx, padded in length_sorted_batches(lengths, self.batch_size):
             part = [rows[k] for k in padded]
             answers = [Example(examples[i].input_ids[splits[i]:], examples[i].labels[splits[i]:]) for _, i in part]
             yield ScoreJob([rows[k][1] for k in idx], *score_answers_on(
