@@ -26,13 +26,32 @@ from npo_jax.model import train_hidden
 
 
 class Objective(NamedTuple):
-    method: str  # NPO | SimNPO | GradAscent | GradDiff | finetune
+    """What a step minimises: an unlearning method with its weights (`from_config`, the run
+    config's `method` section), or the fine-tuning NLL of `npo-jax finetune` (`finetune()`)."""
+
+    method: str  # NPO | SimNPO | GradAscent | GradDiff, or "finetune" (not a method.name: a command)
     beta: float = 0.1
     alpha: float = 1.0
     gamma: float = 1.0
     delta: float = 0.0
     retain_loss: str = "NLL"  # NLL | KL
     reference: str = "cached"  # cached | live
+
+    @classmethod
+    def from_config(cls, method) -> Objective:
+        """The unlearning objective of a `run_config.MethodConfig`."""
+        return cls(method.name, beta=method.beta, alpha=method.alpha, gamma=method.gamma, delta=method.delta,
+                   retain_loss=method.retain_loss, reference=method.reference)
+
+    @classmethod
+    def finetune(cls) -> Objective:
+        """Token-mean NLL of the training answers (the examples under the batch's "forget" key)."""
+        return cls("finetune")
+
+    @property
+    def cached_reference(self) -> bool:
+        """Whether the batch carries the starting model's forget log-probs ("forget_ref_logp")."""
+        return self.method == "NPO" and self.reference == "cached"
 
     @property
     def needs_live_reference(self) -> bool:

@@ -18,7 +18,7 @@ from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBas
 from npo_jax.dtypes import DTYPES
 from npo_jax.errors import NpoJaxError
 
-METHODS = ("NPO", "SimNPO", "GradAscent", "GradDiff", "finetune")
+METHODS = ("NPO", "SimNPO", "GradAscent", "GradDiff")  # fine-tuning is the `npo-jax finetune` command
 
 
 @dataclass
@@ -48,7 +48,7 @@ class DataConfig:
 
 @dataclass
 class MethodConfig:
-    name: str = "NPO"  # NPO | SimNPO | GradAscent | GradDiff | finetune
+    name: str = "NPO"  # NPO | SimNPO | GradAscent | GradDiff (unlearn only; finetune ignores method)
     beta: float = 0.1
     alpha: float = 1.0  # retain weight
     gamma: float = 1.0  # forget weight

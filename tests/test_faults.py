@@ -28,6 +28,7 @@ from jax._src import compilation_cache
 from tofu_fixture import make_mini_tofu, make_tiny_model_with_tokenizer
 
 import npo_jax.train as train_module
+import npo_jax.train_checkpoints as train_checkpoints
 import npo_jax.train_step as train_step_module
 from convert import hf_to_orbax, orbax_to_hf
 from npo_jax.checkpoint import ORBAX_TMP, ParamsReader
@@ -487,10 +488,10 @@ def test_save_error_keeps_the_os_reason_of_a_tensorstore_error():
                        f"Failed to write 77545 bytes to file 23: File too large [os_error_code='27'] "
                        f"[tensorstore_spec='{spec}']")
     assert len(str(error)) > 1500
-    line = train_module._first_line(error)
+    line = train_checkpoints._first_line(error)
     assert line.startswith("OUT_OF_RANGE: Error opening") and "tensorstore_spec" not in line, line
     assert line.endswith("File too large [os_error_code='27']") and len(line) <= 505, line
-    assert train_module._out_of_space(error)
+    assert train_checkpoints._out_of_space(error)
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # orbax's event loop, after the failure

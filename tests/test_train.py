@@ -82,14 +82,15 @@ def test_resume_continues_exactly(mini, tmp_path):
 def test_no_recompiles_after_first_step_of_each_bucket(mini, tmp_path):
     probe = load_run_config(None, _overrides(mini, tmp_path / "probe"))
     trainer = Trainer(probe, "unlearn", progress=False)
-    lengths = sorted(len(e.input_ids) for e in trainer.forget + trainer.retain)
+    lengths = sorted(len(e.input_ids) for e in trainer.data.examples + trainer.data.retain)
     cut = lengths[len(lengths) // 2]
     buckets = f"data.length_buckets=[{cut},128]"
     trainer = _train(mini, tmp_path / "run", buckets, "parallel.data=1")
     seen = set()
     for step in range(trainer.total_steps):
-        b = step_batch(trainer.plan, step, trainer.forget, buckets=[cut, 128], pad_id=trainer.pad_id,
-                       eot_id=trainer.eot_id, eot_mask_quirk=False, retain=trainer.retain, pairing=trainer.pairing)
+        b = step_batch(trainer.plan, step, trainer.data.examples, buckets=[cut, 128], pad_id=trainer.data.pad_id,
+                       eot_id=trainer.data.eot_id, eot_mask_quirk=False, retain=trainer.data.retain,
+                       pairing=trainer.data.pairing)
         seen.add((b["forget"]["input_ids"].shape[1], b["forget"]["label_positions"].shape[1]))
     assert trainer.total_steps > len(seen)
     assert len(trainer.step_fn.executables) == len(seen)

@@ -24,7 +24,7 @@ from npo_jax.model import merge_params
 from npo_jax.optim import make_optimizer
 from npo_jax.run_config import OptimConfig
 
-FINETUNE = Objective("finetune")
+FINETUNE = Objective.finetune()
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "tx"), donate_argnums=(1, 2))

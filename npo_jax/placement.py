@@ -1,0 +1,186 @@
+"""Where the train state and the batches live: one interface, a sharded and a pmap implementation.
+
+A `Placement` owns the layout of a run (the effective batch as units per micro-batch x
+accumulation steps, and the mesh), puts params, optimizer state and a live reference on the
+devices, compiles the step, says which rows of a micro-batch this host feeds and places them,
+and gives the host view and the abstract (restore target) of the state. The trainer and its
+checkpoints talk to this interface only, so neither has a branch per strategy; a new layout
+is a subclass and a case in `make_placement`.
+
+- `ShardedPlacement`: `jit` over a `Mesh` ("data", "fsdp", "tensor"); params and optimizer
+  state follow the partition rules (`npo_jax.sharding`), batch rows are split over data x fsdp,
+  and each host builds only the rows its devices hold.
+- `PmapPlacement`: the state replicated on every local device, each device one unit of each
+  micro-batch, gradients averaged with `pmean`.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax.jax_utils import replicate
+from jax.sharding import NamedSharding, PartitionSpec
+
+from npo_jax.errors import NpoJaxError
+from npo_jax.losses import Objective
+from npo_jax.run_config import RunConfig
+from npo_jax.sharding import make_mesh, param_shardings
+from npo_jax.train_step import (
+    BATCH_AXES,
+    CompiledStep,
+    batch_shardings,
+    init_state,
+    make_pmap_step,
+    make_sharded_step,
+    state_shardings,
+    to_pmap_batch,
+)
+
+
+class Placed(NamedTuple):
+    """A run's device-side start: the train state, the live reference params (or None), the step."""
+
+    state: dict
+    ref_params: dict | None
+    step: CompiledStep
+
+
+class Placement(abc.ABC):
+    """How the effective batch maps onto devices: `units` per micro-batch x `accum` steps."""
+
+    strategy: str
+
+    def __init__(self, units: int, effective_batch: int, per_device_batch: int):
+        self.n_devices = jax.device_count()
+        self.units = units  # data-parallel shards: one unit (per_device_batch examples) each per micro-batch
+        per_step = per_device_batch * units
+        if effective_batch % per_step:
+            raise NpoJaxError(f"config optim: effective_batch {effective_batch} is not a multiple of "
+                              f"per_device_batch {per_device_batch} x {units} data-parallel devices")
+        self.accum = effective_batch // per_step
+        self.rows = effective_batch // self.accum  # rows of one micro-batch, all hosts together
+
+    @abc.abstractmethod
+    def param_shardings(self, config) -> dict | None:
+        """Shardings to load params onto (a `load_model` `shardings_for`), or None: host arrays."""
+
+    @abc.abstractmethod
+    def start(self, graphdef, config, params, obj: Objective, tx, schedule) -> Placed:
+        """The initial state from float32 `params`, a live reference if `obj` needs one, the step."""
+
+    @abc.abstractmethod
+    def local_rows(self, n: int) -> np.ndarray:
+        """Which rows of an n-row micro-batch this process's devices hold (all of them on one host)."""
+
+    @abc.abstractmethod
+    def place_batch(self, host: dict):
+        """This host's rows, (accum, local rows, ...) numpy arrays, as the step's input."""
+
+    @abc.abstractmethod
+    def host_state(self, state: dict) -> dict:
+        """The state as one copy of every array (what a checkpoint holds)."""
+
+    @abc.abstractmethod
+    def abstract_state(self, state: dict) -> dict:
+        """A restore target like `state`: shapes, dtypes and, where they are placed, shardings."""
+
+    @abc.abstractmethod
+    def place_restored(self, state: dict) -> dict:
+        """A restored state (laid out as `abstract_state`) as the step takes it."""
+
+
+class ShardedPlacement(Placement):
+    strategy = "sharded"
+
+    def __init__(self, cfg: RunConfig):
+        p = cfg.parallel
+        data = p.data if p.data > 0 else jax.device_count() // (p.fsdp * p.tensor)
+        try:
+            self.mesh = make_mesh(data, p.fsdp, p.tensor)
+        except ValueError as e:
+            raise NpoJaxError(f"config parallel: {e}") from None
+        super().__init__(data * p.fsdp, cfg.optim.effective_batch, cfg.optim.per_device_batch)
+
+    def param_shardings(self, config) -> dict:
+        return param_shardings(config, self.mesh)
+
+    def start(self, graphdef, config, params, obj: Objective, tx, schedule) -> Placed:
+        p_shardings = self.param_shardings(config)
+        shardings = state_shardings(tx, params, p_shardings, self.mesh)
+        state = jax.jit(lambda p: init_state(p, tx), out_shardings=shardings)(params)
+        live = obj.needs_live_reference
+        ref_params = jax.tree.map(jnp.copy, params) if live else None
+        step = make_sharded_step(graphdef, obj, tx, schedule, self.mesh, shardings, self.units,
+                                 p_shardings if live else None)
+        return Placed(state, ref_params, CompiledStep(step))
+
+    def local_rows(self, n: int) -> np.ndarray:
+        if jax.process_count() == 1:
+            return np.arange(n)
+        sharding = NamedSharding(self.mesh, PartitionSpec(None, BATCH_AXES))
+        spans = {idx[1].indices(n)[:2] for idx in sharding.addressable_devices_indices_map((1, n)).values()}
+        return np.concatenate([np.arange(lo, hi) for lo, hi in sorted(spans)])
+
+    def place_batch(self, host: dict):
+        shardings = batch_shardings(host, self.mesh)
+        return jax.tree.map(
+            lambda x, s: jax.make_array_from_process_local_data(s, x, (self.accum, self.rows, *x.shape[2:])),
+            host, shardings)
+
+    def host_state(self, state: dict) -> dict:
+        return state
+
+    def abstract_state(self, state: dict) -> dict:
+        # the state's leaves carry the shardings `start` gave them: a restore lands on them
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+
+    def place_restored(self, state: dict) -> dict:
+        return state
+
+
+class PmapPlacement(Placement):
+    strategy = "pmap"
+
+    def __init__(self, cfg: RunConfig):
+        super().__init__(jax.device_count(), cfg.optim.effective_batch, cfg.optim.per_device_batch)
+
+    def param_shardings(self, config) -> None:
+        return None
+
+    def start(self, graphdef, config, params, obj: Objective, tx, schedule) -> Placed:
+        devices = jax.local_devices()
+        host = jax.device_get(params)
+        state = replicate(init_state(host, tx), devices)
+        ref_params = replicate(host, devices) if obj.needs_live_reference else None
+        return Placed(state, ref_params, CompiledStep(make_pmap_step(graphdef, obj, tx, schedule)))
+
+    def local_rows(self, n: int) -> np.ndarray:
+        if jax.process_count() == 1:
+            return np.arange(n)
+        b, n_local = n // self.n_devices, jax.local_device_count()  # device d takes rows [d*b, (d+1)*b)
+        lo = jax.process_index() * n_local
+        return np.arange(lo * b, (lo + n_local) * b)
+
+    def place_batch(self, host: dict):
+        return to_pmap_batch(host, jax.local_device_count())
+
+    def host_state(self, state: dict) -> dict:
+        return jax.tree.map(lambda x: x[0], state)
+
+    def abstract_state(self, state: dict) -> dict:
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), state)
+
+    def place_restored(self, state: dict) -> dict:
+        return replicate(jax.device_get(state), jax.local_devices())
+
+
+PLACEMENTS = {p.strategy: p for p in (ShardedPlacement, PmapPlacement)}
+
+
+def make_placement(cfg: RunConfig) -> Placement:
+    """The placement `parallel.strategy` names, laid out for `cfg`'s batch and mesh."""
+    return PLACEMENTS[cfg.parallel.strategy](cfg)

@@ -1,0 +1,86 @@
+"""The tokenized examples a run trains on, and the NPO reference log-probs of the forget set.
+
+`TrainData.examples` is what an epoch passes over: the forget split when unlearning, the
+fine-tuning split (`data.finetune_split`) when fine-tuning. `retain` and `pairing` (each
+example's retain partner) are there only for objectives with a retain term. The trainer turns
+these into step batches (`npo_jax.data.batches.step_batch`), whose group of training examples
+the compiled step sees under the key "forget" whatever the mode (`npo_jax.losses`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+
+from npo_jax import distributed
+from npo_jax.data.batches import retain_pairing
+from npo_jax.data.tofu import load_split
+from npo_jax.data.tokenize import ChatFormat, Example, encode_qa_pairs, load_tokenizer, pad_token_id
+from npo_jax.reference import cache_key, cached_reference_logprobs, sequence_logprobs
+from npo_jax.run_config import RunConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainData:
+    examples: list[Example]  # the forget split (unlearn) or the fine-tuning split (finetune)
+    retain: list[Example] | None  # the retain split, for objectives with a retain term
+    pairing: np.ndarray | None  # the retain partner of each example
+    pad_id: int
+    eot_id: int
+    truncated: dict[str, int]  # split -> examples cut to data.max_length
+
+    def step_tokens(self, indices: np.ndarray) -> int:
+        """Non-padding tokens of the step that uses `indices` (with their retain partners)."""
+        tokens = sum(len(self.examples[i].input_ids) for i in indices)
+        if self.retain is not None:
+            tokens += sum(len(self.retain[j].input_ids) for j in self.pairing[indices])
+        return tokens
+
+
+def _tokenize_split(tokenizer, rows, fmt: ChatFormat, max_length: int):
+    examples = encode_qa_pairs(tokenizer, [(r["question"], r["answer"]) for r in rows], fmt, max_length)
+    return examples, sum(e.truncated for e in examples)
+
+
+def load_train_data(cfg: RunConfig, mode: str, with_retain: bool, cache: Path) -> TrainData:
+    """The splits `mode` ("unlearn" or "finetune") trains on, tokenized in the chat format."""
+    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
+    fmt = ChatFormat(cfg.data.system_prompt, cfg.data.date_string)
+    tfds_dir = cfg.data.tfds_dir or (cache / "tfds")
+
+    def tokenized(split: str):
+        return _tokenize_split(tokenizer, load_split(split, cfg.data.dir, tfds_dir), fmt, cfg.data.max_length)
+
+    split = cfg.data.finetune_split if mode == "finetune" else cfg.data.forget_split
+    examples, n_truncated = tokenized(split)
+    truncated = {split: n_truncated}
+    retain = pairing = None
+    if with_retain:
+        retain, truncated[cfg.data.retain_split] = tokenized(cfg.data.retain_split)
+        pairing = retain_pairing(len(examples), len(retain), cfg.seed)
+    return TrainData(examples, retain, pairing, pad_token_id(tokenizer), tokenizer.eos_token_id, truncated)
+
+
+def reference_logprobs(cfg: RunConfig, data: TrainData, graphdef, params, cache: Path, out: Path) -> np.ndarray:
+    """The starting model's summed log-prob of each forget example, from the cache or computed
+    (and cached); the primary also keeps a copy in the run folder."""
+    key = cache_key(cfg.model.path, data.examples, compute_dtype=cfg.model.compute_dtype,
+                    eot_mask_quirk=cfg.data.eot_mask_quirk)
+
+    def compute():
+        return sequence_logprobs(graphdef, params, data.examples, buckets=cfg.data.length_buckets,
+                                 pad_id=data.pad_id, eot_id=data.eot_id, eot_mask_quirk=cfg.data.eot_mask_quirk)
+
+    folder = cache / "reference_logprobs"
+    # compute() is a collective on several hosts: if any host lacks the file (per-host caches,
+    # a replaced host), all compute; cached_reference_logprobs names files KEY.npy
+    have = (folder / f"{key}.npy").is_file()
+    if distributed.any_process(not have) and have:
+        values = compute()
+    else:
+        values, _ = cached_reference_logprobs(folder, key, compute)
+    if distributed.is_primary():
+        np.save(out / "reference_logprobs.npy", values)
+    return values
