@@ -59,7 +59,6 @@ def reference_logprobs(graphdef, params, examples: list[Example], *, buckets: li
 
 # The name train.py imports until it moves to `reference_logprobs` (`logprobs.sequence_logprob` is
 # the per-batch function; this was too close to it). Remove with that import.
-sequence_logprobs = reference_logprobs
 
 
 def cached_reference_logprobs(cache_dir: Path, key: str, compute) -> tuple[np.ndarray, bool]:

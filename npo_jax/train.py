@@ -51,8 +51,8 @@ from npo_jax.optim import make_optimizer, warmup_steps
 from npo_jax.placement import Placement, make_placement
 from npo_jax.run_config import RunConfig, to_yaml
 from npo_jax.train_checkpoints import TrainCheckpoints
-from npo_jax.train_data import load_train_data, reference_logprobs
-from npo_jax.train_hooks import Hook, MetricsFile, PeriodicSave, ProgressBar, StopOnSignal, TensorBoard, _StopSignals
+from npo_jax.train_data import forget_reference_logprobs, load_train_data
+from npo_jax.train_hooks import Hook, MetricsFile, PeriodicSave, ProgressBar, StopOnSignal, StopSignals, TensorBoard
 
 
 def _check_output(out: Path, resume: bool, overwrite: bool) -> None:
@@ -136,7 +136,7 @@ class Trainer:
         if distributed.is_primary():  # all input checked: only now is the output folder touched
             _prepare_output(self.out, overwrite and not resume)
             remove_unfinished_saves(ckpt_dir)
-        self.ref_logp = (reference_logprobs(cfg, self.data, self.graphdef, params, cache, self.out)
+        self.ref_logp = (forget_reference_logprobs(cfg, self.data, self.graphdef, params, cache, self.out)
                          if self.objective.cached_reference else None)
         self.state, self.ref_params, self.step_fn = self.placement.start(
             self.graphdef, config, params, self.objective, tx, schedule)
@@ -176,7 +176,7 @@ class Trainer:
         host = jax.tree.map(lambda x: x.reshape(accum, len(local), *x.shape[1:]), host)
         return host, data.step_tokens(self.plan.indices(step))
 
-    def _hooks(self, signals: _StopSignals, primary: bool) -> list[Hook]:
+    def _hooks(self, signals: StopSignals, primary: bool) -> list[Hook]:
         hooks = []
         if primary:
             hooks += [MetricsFile(self.out / "metrics.jsonl", self.start_step), TensorBoard(self.out / "tb")]
@@ -220,7 +220,7 @@ class Trainer:
         primary = distributed.is_primary()
         if primary:
             self._write_run_files()
-        with _StopSignals() as signals, contextlib.ExitStack() as closing:
+        with StopSignals() as signals, contextlib.ExitStack() as closing:
             hooks = self._hooks(signals, primary)
             for hook in hooks:
                 closing.callback(hook.close)

@@ -18,7 +18,7 @@ from npo_jax import distributed
 from npo_jax.data.batches import retain_pairing
 from npo_jax.data.tofu import load_split
 from npo_jax.data.tokenize import ChatFormat, Example, encode_qa_pairs, load_tokenizer, pad_token_id
-from npo_jax.reference import cache_key, cached_reference_logprobs, sequence_logprobs
+from npo_jax.reference import cache_key, cached_reference_logprobs, reference_logprobs
 from npo_jax.run_config import RunConfig
 
 
@@ -63,14 +63,14 @@ def load_train_data(cfg: RunConfig, mode: str, with_retain: bool, cache: Path) -
     return TrainData(examples, retain, pairing, pad_token_id(tokenizer), tokenizer.eos_token_id, truncated)
 
 
-def reference_logprobs(cfg: RunConfig, data: TrainData, graphdef, params, cache: Path, out: Path) -> np.ndarray:
+def forget_reference_logprobs(cfg: RunConfig, data: TrainData, graphdef, params, cache: Path, out: Path) -> np.ndarray:
     """The starting model's summed log-prob of each forget example, from the cache or computed
     (and cached); the primary also keeps a copy in the run folder."""
     key = cache_key(cfg.model.path, data.examples, compute_dtype=cfg.model.compute_dtype,
                     eot_mask_quirk=cfg.data.eot_mask_quirk)
 
     def compute():
-        return sequence_logprobs(graphdef, params, data.examples, buckets=cfg.data.length_buckets,
+        return reference_logprobs(graphdef, params, data.examples, buckets=cfg.data.length_buckets,
                                  pad_id=data.pad_id, eot_id=data.eot_id, eot_mask_quirk=cfg.data.eot_mask_quirk)
 
     folder = cache / "reference_logprobs"

@@ -4,7 +4,7 @@ After every step the loop calls each hook with the step's record ({"step", "epoc
 "tokens_per_s"}); a hook writes it somewhere or acts on it, and `close()` runs when the loop
 ends, however it ends. The metrics file, TensorBoard and the progress bar run on the primary
 host only; the periodic save and the stop-on-signal check run on every host (both are
-collective). `_StopSignals` turns SIGTERM/SIGINT into a flag the stop hook reads between steps.
+collective). `StopSignals` turns SIGTERM/SIGINT into a flag the stop hook reads between steps.
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ class PeriodicSave(Hook):
             self.save(step)
 
 
-class _StopSignals:
+class StopSignals:
     """While active, SIGTERM and SIGINT only set a flag that the loop reads between steps.
 
     The first signal puts the previous handlers back, so a second one acts as before (terminate,
@@ -142,7 +142,7 @@ class StopOnSignal(Hook):
     """After each step but the last, `stop(step, signum)` if any host got a stop signal (signum
     None: another host got it); `stop` saves the step and raises `Preempted`."""
 
-    def __init__(self, signals: _StopSignals, total_steps: int, stop: Callable[[int, int | None], None]):
+    def __init__(self, signals: StopSignals, total_steps: int, stop: Callable[[int, int | None], None]):
         self.signals, self.total_steps, self.stop = signals, total_steps, stop
 
     def __call__(self, record: dict) -> None:

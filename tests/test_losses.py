@@ -17,7 +17,7 @@ from npo_jax.losses import Objective
 from npo_jax.model import abstract_model, split_params
 from npo_jax.model_io import load_hf_params
 from npo_jax.params import param_specs
-from npo_jax.reference import reference_logprobs as sequence_logprobs
+from npo_jax.reference import reference_logprobs
 from npo_jax.train_step import accumulated_grads
 from npo_jax.tree_paths import get_path
 
@@ -170,7 +170,7 @@ def test_cached_reference_logprobs_match_open_unlearning(models):
     examples = _examples(5, 7)
     cfg, params = load_hf_params(ref_folder)
     graphdef, _ = split_params(abstract_model(cfg))
-    ours = sequence_logprobs(graphdef, params, examples, buckets=[8, 12, 24], pad_id=0, eot_id=None,
+    ours = reference_logprobs(graphdef, params, examples, buckets=[8, 12, 24], pad_id=0, eot_id=None,
                              eot_mask_quirk=False, batch_size=3)
     ref = load_hf(ref_folder)
     with torch.no_grad():
