@@ -11,6 +11,7 @@ def test_demo_pipeline_small(tmp_path):
         "data.n_authors=20", "data.vocab_size=600", "model.hidden_size=96", "model.intermediate_size=256",
         "model.num_hidden_layers=2", "finetune.epochs=40", "finetune.lr=5e-3", "unlearn.lr=3e-4",
         "unlearn.effective_batch=1", "unlearn.per_device_batch=1", "max_new_tokens=24"])
+    assert result["checks"] and all(result["checks"].values()), result["checks"]  # what `npo-jax demo` checks
     base, unlearned = result["base"], result["unlearned"]
     assert base["forget_Q_A_Prob"] > 0.3  # the base model learned the forget facts
     assert unlearned["forget_Q_A_Prob"] < 0.5 * base["forget_Q_A_Prob"]
