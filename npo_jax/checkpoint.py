@@ -126,8 +126,9 @@ def verify_step(step_dir: Path) -> None:
 
 
 def check_saved_params(step_dir: Path, params) -> None:
-    """The params of training step `step_dir` have the shapes of `params` (from its metadata):
-    a restore of another model size would fail half-way, its background reads reporting it again."""
+    """The params saved in training step `step_dir` have the shapes of `params`, read from its
+    metadata: a restore of another model size fails half-way, and Orbax's unfinished background
+    reads then print tracebacks after the error."""
     try:
         saved = ocp.PyTreeCheckpointer().metadata((step_dir / STATE_ITEM).absolute()).item_metadata.tree
         saved = dict(iter_paths(saved["params"]))

@@ -42,14 +42,7 @@ from tqdm import tqdm
 
 from convert.orbax_to_hf import orbax_to_hf
 from npo_jax import distributed
-from npo_jax.checkpoint import (
-    STATE_ITEM,
-    TOKENIZER_FILES,
-    check_saved_params,
-    copy_side_files,
-    remove_unfinished_saves,
-    verify_step,
-)
+from npo_jax.checkpoint import STATE_ITEM, TOKENIZER_FILES, copy_side_files, remove_unfinished_saves, verify_step
 from npo_jax.data.batches import StepPlan, retain_pairing, step_batch
 from npo_jax.data.tofu import load_split
 from npo_jax.data.tokenize import ChatFormat, encode_qa_pairs, load_tokenizer
@@ -373,6 +366,8 @@ class Trainer:
                                     self.state_shardings)
         else:
             abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), host)
+        from npo_jax.checkpoint import check_saved_params
+
         check_saved_params(step_dir, host["params"])
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(
