@@ -126,6 +126,23 @@ def verify_step(step_dir: Path) -> None:
         raise NpoJaxError(f"{e}; checkpoint step {step_dir.name} is damaged: {hint}") from None
 
 
+def check_saved_params(step_dir: Path, params) -> None:
+    """The params saved in training step `step_dir` have the shapes of `params`, read from its
+    metadata: a restore of another model size fails half-way, and Orbax's unfinished background
+    reads then print tracebacks after the error."""
+    try:
+        saved = ocp.PyTreeCheckpointer().metadata((step_dir / STATE_ITEM).absolute()).item_metadata.tree
+        saved = dict(iter_paths(saved["params"]))
+    except Exception:  # unreadable metadata: the restore itself says what is wrong
+        return
+    for path, leaf in iter_paths(params):
+        got = tuple(saved[path].shape) if path in saved else None
+        if got != tuple(leaf.shape):
+            was = f"saved with shape {list(got)}" if got else "not saved"
+            raise NpoJaxError(f"{step_dir}: cannot restore the checkpoint: parameter '{'/'.join(path)}' was {was}, "
+                              f"this run's model has {list(leaf.shape)} (a checkpoint of another model?)")
+
+
 class ParamsReader:
     """Params of a params or training checkpoint, validated against the config, read per tensor."""
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from npo_jax.errors import NpoJaxError, Preempted
+from npo_jax.run_config import COMPUTE_DTYPES
 
 
 def _convert_parser(sub) -> None:
@@ -48,7 +50,8 @@ def _train_parsers(sub) -> None:
                        ("finetune", "fine-tune (SFT) a model on a TOFU split")):
         p = sub.add_parser(name, help=what)
         p.add_argument("config", help="YAML run config (see configs/)")
-        p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-5 output_dir=runs/x")
+        p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-5 output_dir=runs/x "
+                                                   "(anywhere on the line)")
         p.add_argument("--resume", action="store_true", help="continue the run in output_dir")
         p.add_argument("--overwrite", action="store_true", help="replace an existing output_dir")
         p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
@@ -69,16 +72,18 @@ def _eval_parser(sub) -> None:
     p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model folder)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--compute-dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--compute-dtype", default="float32", choices=COMPUTE_DTYPES)
     p.add_argument("--eot-mask-quirk", action="store_true", help="open-unlearning's mask of every <|eot_id|>")
     p.add_argument("--limit", type=int, default=None, help="only the first N items of each split")
     p.add_argument("--out", default=None, help="output folder for TOFU_EVAL.json, TOFU_SUMMARY.json, report")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out if it holds a previous evaluation (and nothing else)")
 
 
 def _demo_parser(sub) -> None:
     p = sub.add_parser("demo", help="offline end-to-end TOFU unlearning demo on a CPU (a few minutes)")
     p.add_argument("out", help="output folder (new)")
-    p.add_argument("--config", default="configs/demo.yaml", help="demo config (default: configs/demo.yaml)")
+    p.add_argument("--config", default=None, help="demo config (default: configs/demo.yaml of this package)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. unlearn.lr=2e-3")
 
 
@@ -105,7 +110,23 @@ def build_parser() -> argparse.ArgumentParser:
     _demo_parser(sub)
     _sweep_parser(sub)
     _audit_parser(sub)
+    parser.commands = sub.choices  # name -> subparser, for parse_args
     return parser
+
+
+# commands with dotted overrides: parsed intermixed, so an override may follow a flag
+# (`unlearn CFG --resume optim.lr=1e-5`); plain parse_args stops taking positionals at the first flag
+_OVERRIDE_COMMANDS = ("unlearn", "finetune", "sweep", "demo")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    if argv and argv[0] in _OVERRIDE_COMMANDS:
+        args = parser.commands[argv[0]].parse_intermixed_args(argv[1:])
+        args.command = argv[0]
+        return args
+    return parser.parse_args(argv)
 
 
 def _run(args) -> None:
@@ -132,10 +153,12 @@ def _run(args) -> None:
 
         run_audit(args)
     elif args.command in ("unlearn", "finetune"):
+        from npo_jax.fs import check_output_path
         from npo_jax.run_config import load_run_config
         from npo_jax.train import Trainer
 
         cfg = load_run_config(args.config, args.overrides)
+        check_output_path(cfg.output_dir)
         trainer = Trainer(cfg, args.command, resume=args.resume, overwrite=args.overwrite, max_steps=args.max_steps)
         info = trainer.train()
         print(f"done: {info['steps']} steps in {cfg.output_dir}")
@@ -151,8 +174,23 @@ def _run(args) -> None:
         print(f"wrote {out}")
 
 
+class _DropAbslNoise(logging.Filter):
+    """Orbax logs 'Metadata file does not exist' (a warning) for every params checkpoint that
+    `convert hf-to-orbax` wrote: a normal state, not something a user can or should act on."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Metadata file does not exist")
+
+
+def quiet_absl_warnings() -> None:
+    logger = logging.getLogger("absl")
+    if not any(isinstance(f, _DropAbslNoise) for f in logger.filters):
+        logger.addFilter(_DropAbslNoise())
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
+    quiet_absl_warnings()
     try:
         _run(args)
     except NpoJaxError as e:

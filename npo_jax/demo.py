@@ -19,6 +19,7 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from npo_jax.errors import NpoJaxError
+from npo_jax.fs import check_output_path
 from npo_jax.run_config import OptimConfig
 
 
@@ -56,9 +57,19 @@ class DemoConfig:
     eval_batch_size: int = 32
 
 
+# the default config, found from this file wherever the command runs (a wheel install has no
+# configs/: then DemoConfig's defaults, which are the same values; tests/test_configs.py checks)
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+
+
 def load_demo_config(path: str | Path | None, overrides=()) -> DemoConfig:
+    """DemoConfig <- the YAML file (default: DEFAULT_CONFIG) <- dotted overrides; a given file that
+    does not exist is an error."""
     layers = [OmegaConf.structured(DemoConfig)]
-    if path is not None and Path(path).is_file():
+    if path is not None and not Path(path).is_file():
+        raise NpoJaxError(f"{path}: demo config not found")
+    path = path if path is not None else (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
+    if path is not None:
         layers.append(OmegaConf.load(path))
     layers.append(OmegaConf.from_dotlist(list(overrides)))
     try:
@@ -97,15 +108,32 @@ def _init_model(out: Path, cfg: DemoConfig, tokenizer_dir: Path, vocab: int, eos
     return dst
 
 
-def _train(mode: str, model_path, out_dir, data_dir, cache, stage: OptimConfig, cfg: DemoConfig, **extra):
+def _run_config(model_path, out_dir, data_dir, cache, stage: OptimConfig, cfg: DemoConfig, **extra):
     from npo_jax.run_config import load_run_config
-    from npo_jax.train import Trainer
 
     overrides = [f"model.path={model_path}", f"output_dir={out_dir}", f"data.dir={data_dir}", f"cache_dir={cache}",
                  f"data.max_length={cfg.max_length}", f"data.length_buckets={list(cfg.length_buckets)}",
                  *[f"optim.{k}={v}" for k, v in dataclasses.asdict(stage).items()], "parallel.data=1",
                  *[f"{k}={v}" for k, v in extra.items()]]
-    trainer = Trainer(load_run_config(None, overrides), mode, overwrite=True)
+    return load_run_config(None, overrides)
+
+
+def _check(cfg: DemoConfig) -> None:
+    """Every value in range before anything is written (the run configs' own checks, and the
+    number of authors the synthetic data has names for)."""
+    from npo_jax.synthetic import FIRST_NAMES, SURNAMES
+
+    most = min(len(FIRST_NAMES), len(SURNAMES)) * 10 // 11
+    if not 10 <= cfg.data.n_authors <= most:
+        raise NpoJaxError(f"demo config: data.n_authors={cfg.data.n_authors} is out of range: it must be 10 to {most}")
+    for stage in (cfg.finetune, cfg.unlearn):
+        _run_config(".", ".", ".", ".", stage, cfg, **{"method.alpha": cfg.alpha, "method.beta": cfg.beta})
+
+
+def _train(mode: str, model_path, out_dir, data_dir, cache, stage: OptimConfig, cfg: DemoConfig, **extra):
+    from npo_jax.train import Trainer
+
+    trainer = Trainer(_run_config(model_path, out_dir, data_dir, cache, stage, cfg, **extra), mode, overwrite=True)
     trainer.train()
     return Path(out_dir)
 
@@ -115,7 +143,8 @@ def run_demo(out: str | Path, config: str | Path | None = None, overrides=()) ->
 
     absl.logging.set_verbosity(absl.logging.ERROR)  # Orbax's info/warnings would drown the demo's own output
     cfg = load_demo_config(config, overrides)
-    out = Path(out)
+    _check(cfg)
+    out = check_output_path(out)
     if out.exists() and any(out.iterdir()):
         raise NpoJaxError(f"{out}: output folder exists; choose a new one")
     out.mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,7 @@ import os
 import shutil
 import sys
 import uuid
+from collections.abc import Collection
 from pathlib import Path
 
 from npo_jax.errors import NpoJaxError
@@ -49,18 +50,46 @@ def recover_interrupted(dst: str | Path) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
-def check_output_dir(dst: str | Path, overwrite: bool) -> Path:
+def check_output_path(dst: str | Path) -> Path:
+    """`dst` can become a folder: it is not a file and no folder above it is one (a plain error
+    here, instead of NotADirectoryError or FileExistsError half-way through a write)."""
     dst = Path(dst)
+    if dst.exists() and not dst.is_dir():
+        raise NpoJaxError(f"{dst}: is a file, not an output folder")
+    for parent in dst.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise NpoJaxError(f"{dst}: cannot create this output folder: {parent} is a file")
+            break
+    return dst
+
+
+def check_output_dir(dst: str | Path, overwrite: bool, replaces: Collection[str] | None = None) -> Path:
+    """`dst` may be written: new, empty, or (with `overwrite`) replaceable.
+
+    `replaces`: the names a previous output of the same command consists of. Given, `overwrite`
+    replaces only a folder holding nothing else, so a mistyped `--out` (a run folder with its
+    checkpoints, a user's files) is never deleted.
+    """
+    dst = check_output_path(dst)
     recover_interrupted(dst)
-    if dst.exists() and not overwrite:
+    if not (dst.exists() and any(dst.iterdir())):
+        return dst
+    if not overwrite:
         raise NpoJaxError(f"{dst}: output folder exists (pass --overwrite to replace it)")
+    foreign = sorted(p.name for p in dst.iterdir() if p.name not in replaces) if replaces is not None else []
+    if foreign:
+        shown = ", ".join(foreign[:4]) + (", ..." if len(foreign) > 4 else "")
+        raise NpoJaxError(f"{dst}: not replaced, even with --overwrite: it holds {shown}, which this command does "
+                          f"not write (--overwrite replaces only a previous output: {', '.join(sorted(replaces))})")
     return dst
 
 
 @contextlib.contextmanager
-def atomic_output_dir(dst: str | Path, overwrite: bool = False):
-    """Yield a fresh temporary folder beside `dst`; on success it becomes `dst`, on error it goes."""
-    dst = check_output_dir(dst, overwrite).absolute()
+def atomic_output_dir(dst: str | Path, overwrite: bool = False, replaces: Collection[str] | None = None):
+    """Yield a fresh temporary folder beside `dst`; on success it becomes `dst`, on error it goes.
+    `overwrite`, `replaces`: as `check_output_dir`."""
+    dst = check_output_dir(dst, overwrite, replaces).absolute()
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.parent / f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()

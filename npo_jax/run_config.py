@@ -1,43 +1,52 @@
 """Typed run configs: YAML files under `configs/` + dotted command-line overrides (OmegaConf).
 
 `load_run_config("configs/unlearn/tofu_llama3.2_3b_npo.yaml", ["optim.lr=1e-5"])` merges the file
-and the overrides onto the dataclass schema below; an unknown key or a wrong type is an error
-that lists the valid keys of that section.
+and the overrides onto the dataclass schema below; an unknown key, a wrong type, a value not among
+a field's choices (`Literal` fields) or outside its range (`RANGES`) is an error naming the field,
+raised here, before anything is loaded or written.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
+import yaml
 from omegaconf import MISSING, OmegaConf
-from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
+from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException, ValidationError
 
 from npo_jax.dtypes import DTYPES
 from npo_jax.errors import NpoJaxError
 
 METHODS = ("NPO", "SimNPO", "GradAscent", "GradDiff")  # fine-tuning is the `npo-jax finetune` command
+# compute dtypes: one set of names for training, `npo-jax eval`, audit and sweep
+COMPUTE_DTYPES = tuple(DTYPES)
+FORGET_SPLITS = ("forget01", "forget05", "forget10")
+RETAIN_SPLITS = ("retain90", "retain95", "retain99")
+QA_SPLITS = ("full", *FORGET_SPLITS, *RETAIN_SPLITS, "holdout01", "holdout05", "holdout10")
 
 
 @dataclass
 class ModelConfig:
     path: str = MISSING  # HF model folder (converted on the fly) or Orbax checkpoint
     tokenizer: str | None = None  # folder with tokenizer files; default: model.path
-    compute_dtype: str = "float32"  # bfloat16 on accelerators
+    compute_dtype: Literal[COMPUTE_DTYPES] = "float32"  # bfloat16 on accelerators
     # dots: keep matmul outputs, recompute the elementwise ops in the backward pass; less memory
     # than none and, on XLA:CPU, faster too (docs/performance.md); full: the least memory (3B)
-    remat: str = "dots"  # none | full | dots
+    remat: Literal["none", "full", "dots"] = "dots"
 
 
 @dataclass
 class DataConfig:
     dir: str | None = None  # local TOFU folder (NAME.json / NAME.jsonl); None: download locuslab/TOFU
     tfds_dir: str | None = None  # where TFDS prepares array_record files; default: cache_dir/tfds
-    forget_split: str = "forget10"
-    retain_split: str = "retain90"
-    finetune_split: str = "full"  # what `npo-jax finetune` trains on
+    forget_split: Literal[FORGET_SPLITS] = "forget10"
+    retain_split: Literal[RETAIN_SPLITS] = "retain90"
+    finetune_split: Literal[QA_SPLITS] = "full"  # what `npo-jax finetune` trains on
     max_length: int = 512
     length_buckets: list[int] = field(default_factory=lambda: [128, 256, 512])
     system_prompt: str = "You are a helpful assistant."
@@ -48,13 +57,13 @@ class DataConfig:
 
 @dataclass
 class MethodConfig:
-    name: str = "NPO"  # NPO | SimNPO | GradAscent | GradDiff (unlearn only; finetune ignores method)
+    name: Literal[METHODS] = "NPO"  # unlearn only; `npo-jax finetune` has no method
     beta: float = 0.1
     alpha: float = 1.0  # retain weight
     gamma: float = 1.0  # forget weight
     delta: float = 0.0  # SimNPO margin
-    retain_loss: str = "NLL"  # NLL | KL
-    reference: str = "cached"  # cached (forget log-probs computed once) | live (frozen copy)
+    retain_loss: Literal["NLL", "KL"] = "NLL"
+    reference: Literal["cached", "live"] = "cached"  # cached (forget log-probs computed once) | live (frozen copy)
 
 
 @dataclass
@@ -77,7 +86,7 @@ class OptimConfig:
 
 @dataclass
 class ParallelConfig:
-    strategy: str = "sharded"  # sharded (jit over a mesh) | pmap
+    strategy: Literal["sharded", "pmap"] = "sharded"  # jit over a mesh, or pmap
     data: int = -1  # -1: all devices not used by fsdp x tensor
     fsdp: int = 1
     tensor: int = 1
@@ -88,7 +97,7 @@ class CheckpointConfig:
     every_steps: int = 0  # 0: only at the end
     keep: int = 2
     export_hf: bool = True
-    export_dtype: str | None = None  # default: the source model's dtype
+    export_dtype: Literal[COMPUTE_DTYPES] | None = None  # default: the source model's dtype
     # sha256 of every checkpoint file, checked on restore (costs a read of the step, ~1 s/GB, per save)
     checksums: bool = True
 
@@ -116,26 +125,74 @@ def _valid_keys(cls, prefix: str = "") -> list[str]:
     return keys
 
 
-def _check_choices(cfg: RunConfig) -> None:
-    choices = {
-        "model.compute_dtype": (cfg.model.compute_dtype, tuple(DTYPES)),
-        "model.remat": (cfg.model.remat, ("none", "full", "dots")),
-        "method.name": (cfg.method.name, METHODS),
-        "method.retain_loss": (cfg.method.retain_loss, ("NLL", "KL")),
-        "method.reference": (cfg.method.reference, ("cached", "live")),
-        "parallel.strategy": (cfg.parallel.strategy, ("sharded", "pmap")),
-    }
-    for key, (value, allowed) in choices.items():
-        if value not in allowed:
-            raise NpoJaxError(f"config: {key}={value!r} is not one of {', '.join(allowed)}")
-    if sorted(cfg.data.length_buckets) != cfg.data.length_buckets or cfg.data.length_buckets[-1] != cfg.data.max_length:
-        raise NpoJaxError(f"config: data.length_buckets {cfg.data.length_buckets} must be increasing and end at "
+# the allowed range of every numeric field: (lowest, highest), None for no bound; a bound in a
+# set ({0}) is excluded. Checked once, where the config loads, so no bad value reaches the trainer
+# (beta 0 divides by zero, a batch of 0 too, a negative lr or alpha trains the wrong way).
+RANGES = {
+    "seed": (0, None),
+    "data.max_length": (1, None),
+    "method.beta": ({0}, None),
+    "method.alpha": (0, None),
+    "method.gamma": (0, None),
+    "method.delta": (None, None),
+    "optim.lr": ({0}, None),
+    "optim.epochs": (1, None),
+    "optim.warmup_epochs": (0, None),
+    "optim.weight_decay": (0, None),
+    "optim.max_grad_norm": ({0}, None),
+    "optim.b1": (0, {1}),
+    "optim.b2": (0, {1}),
+    "optim.eps": ({0}, None),
+    "optim.effective_batch": (1, None),
+    "optim.per_device_batch": (1, None),
+    "optim.skip_nonfinite": (0, None),
+    "parallel.fsdp": (1, None),
+    "parallel.tensor": (1, None),
+    "checkpoint.every_steps": (0, None),
+    "checkpoint.keep": (1, None),
+}
+
+
+def range_text(lo, hi) -> str:
+    """(lo, hi) of RANGES as words: '> 0', '>= 0 and < 1'."""
+    parts = [f"{'>' if isinstance(b, set) else '>='} {_bound(b)}" for b in (lo,) if b is not None]
+    parts += [f"{'<' if isinstance(b, set) else '<='} {_bound(b)}" for b in (hi,) if b is not None]
+    return " and ".join(parts) or "a finite number"
+
+
+def _bound(b):
+    return next(iter(b)) if isinstance(b, set) else b
+
+
+def in_range(value, lo, hi) -> bool:
+    if not math.isfinite(value):
+        return False
+    low_ok = lo is None or (value > _bound(lo) if isinstance(lo, set) else value >= lo)
+    return low_ok and (hi is None or (value < _bound(hi) if isinstance(hi, set) else value <= hi))
+
+
+def check_range(name: str, value, lo, hi, prefix: str = "config: ") -> None:
+    if not in_range(value, lo, hi):
+        raise NpoJaxError(f"{prefix}{name}={value} is out of range: it must be {range_text(lo, hi)}")
+
+
+def _check_values(cfg: RunConfig, where: str) -> None:
+    for key, (lo, hi) in RANGES.items():
+        section, _, name = key.rpartition(".")
+        check_range(key, getattr(getattr(cfg, section) if section else cfg, name), lo, hi, f"{where}: ")
+    if cfg.parallel.data != -1 and cfg.parallel.data < 1:
+        raise NpoJaxError(f"{where}: parallel.data={cfg.parallel.data} is out of range: it must be -1 (all devices "
+                          "not used by fsdp x tensor) or >= 1")
+    buckets = cfg.data.length_buckets
+    if not buckets or sorted(set(buckets)) != buckets or buckets[0] < 1 or buckets[-1] != cfg.data.max_length:
+        raise NpoJaxError(f"{where}: data.length_buckets {buckets} must be increasing, positive and end at "
                           f"data.max_length ({cfg.data.max_length})")
 
 
 def load_run_config(path: str | Path | None, overrides: list[str] = (), **defaults) -> RunConfig:
     """Schema <- `defaults` <- YAML file <- dotted overrides, validated."""
     schema = OmegaConf.structured(RunConfig)
+    where = f"config {path}" if path is not None else "config"
     try:
         layers = [schema, OmegaConf.create(defaults)]
         if path is not None:
@@ -145,16 +202,20 @@ def load_run_config(path: str | Path | None, overrides: list[str] = (), **defaul
         layers.append(OmegaConf.from_dotlist(list(overrides)))
         merged = OmegaConf.merge(*layers)
         cfg: RunConfig = OmegaConf.to_object(merged)
+    except yaml.YAMLError as e:
+        raise NpoJaxError(f"{where}: not valid YAML ({str(e).splitlines()[0]})") from None
     except ConfigKeyError as e:
-        raise NpoJaxError(f"config {path or ''}: unknown key '{e.full_key}'; valid keys: "
+        raise NpoJaxError(f"{where}: unknown key '{e.full_key}'; valid keys: "
                           f"{', '.join(_valid_keys(RunConfig))}") from None
     except MissingMandatoryValue as e:
-        raise NpoJaxError(f"config {path or ''}: '{e.full_key}' must be set") from None
+        raise NpoJaxError(f"{where}: '{e.full_key}' must be set") from None
+    except ValidationError as e:  # a value of the wrong type or not among a Literal field's choices
+        raise NpoJaxError(f"{where}: {e.full_key}: {str(e).splitlines()[0]}") from None
     except OmegaConfBaseException as e:
         msg = str(e).splitlines()[0]
-        raise NpoJaxError(f"config {path or ''}: {getattr(e, 'full_key', '')}: {msg}; valid keys: "
+        raise NpoJaxError(f"{where}: {getattr(e, 'full_key', '')}: {msg}; valid keys: "
                           f"{', '.join(_valid_keys(RunConfig))}") from None
-    _check_choices(cfg)
+    _check_values(cfg, where)
     return cfg
 
 

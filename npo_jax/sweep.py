@@ -22,12 +22,13 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from omegaconf import MISSING, OmegaConf
 
 from npo_jax.errors import NpoJaxError
-from npo_jax.fs import atomic_write, atomic_write_text, cache_dir
+from npo_jax.fs import atomic_write, atomic_write_text, cache_dir, check_output_path
+from npo_jax.run_config import COMPUTE_DTYPES
 
 RESULT_FILE = "sweep_result.json"
 BOARD_KEYS = ("forget_quality", "model_utility", "forget_Q_A_Prob", "forget_Q_A_ROUGE", "forget_truth_ratio",
@@ -40,7 +41,7 @@ class SweepEval:
     holdout_split: str | None = "holdout10"
     batch_size: int = 16
     max_new_tokens: int = 200
-    compute_dtype: str = "bfloat16"
+    compute_dtype: Literal[COMPUTE_DTYPES] = "bfloat16"
     limit: int | None = None  # only the first N items of each split (quick looks, tests)
 
 
@@ -61,8 +62,14 @@ def load_sweep_config(path: str | Path, overrides=()) -> SweepConfig:
         merged = OmegaConf.merge(OmegaConf.structured(SweepConfig), OmegaConf.load(path),
                                  OmegaConf.from_dotlist(list(overrides)))
         cfg: SweepConfig = OmegaConf.to_object(merged)
-    except Exception as e:  # omegaconf's missing/unknown key and type errors
-        raise NpoJaxError(f"sweep config {path}: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # omegaconf's missing/unknown key, type and choice errors, YAML errors
+        key = getattr(e, "full_key", None)
+        raise NpoJaxError(f"sweep config {path}: {f'{key}: ' if key else ''}{str(e).splitlines()[0]}") from None
+    for name in ("batch_size", "max_new_tokens", "limit"):
+        value = getattr(cfg.eval, name)
+        if value is not None and value < 1:
+            raise NpoJaxError(f"sweep config {path}: eval.{name}={value} is out of range: it must be >= 1")
+    check_output_path(cfg.output_dir)
     if not cfg.grid or any(not isinstance(v, list) or not v for v in cfg.grid.values()):
         raise NpoJaxError(f"sweep config {path}: grid must map dotted run-config keys to non-empty lists")
     return cfg
@@ -122,6 +129,7 @@ def _run_overrides(sweep: SweepConfig, point: dict, run_dir: Path) -> list[str]:
 
 
 def _train_and_evaluate(cfg, sweep: SweepConfig, name: str, point: dict, retain_log: dict, progress: bool) -> dict:
+    from npo_jax.data.tokenize import ChatFormat
     from npo_jax.eval.aggregate import summary
     from npo_jax.eval.cli import load_scorer
     from npo_jax.eval.suite import Suite, write_outputs
@@ -138,12 +146,13 @@ def _train_and_evaluate(cfg, sweep: SweepConfig, name: str, point: dict, retain_
     cache = cache_dir(cfg.cache_dir)
     scorer = load_scorer(ckpts, cfg.model.tokenizer, compute_dtype=sweep.eval.compute_dtype,
                          batch_size=sweep.eval.batch_size, max_new_tokens=sweep.eval.max_new_tokens,
-                         eot_mask_quirk=cfg.data.eot_mask_quirk)
+                         eot_mask_quirk=cfg.data.eot_mask_quirk,
+                         fmt=ChatFormat(cfg.data.system_prompt, cfg.data.date_string))
     suite = Suite(scorer, data_dir=cfg.data.dir, tfds_dir=cfg.data.tfds_dir or cache / "tfds",
                   forget_split=cfg.data.forget_split, holdout_split=sweep.eval.holdout_split,
                   limit=sweep.eval.limit, progress=progress)
     log = suite.run(retain_log)
-    write_outputs(run_dir / "eval", log)
+    write_outputs(run_dir / "eval", log, overwrite=True)  # an earlier attempt's evaluation, if any
     return {"name": name, "params": point, "summary": summary(log), "run_dir": str(run_dir),
             "resumed": resume, "steps": info["steps"], "train_s": train_s,
             "eval_s": time.perf_counter() - t0 - train_s,

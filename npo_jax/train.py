@@ -122,8 +122,6 @@ class Trainer:
         self.out = Path(cfg.output_dir)
         _check_output(self.out, resume, overwrite)
         self.objective = Objective.finetune() if mode == "finetune" else Objective.from_config(cfg.method)
-        if cfg.optim.skip_nonfinite < 0:
-            raise NpoJaxError(f"config optim.skip_nonfinite: {cfg.optim.skip_nonfinite} must be >= 0")
         self.placement = make_placement(cfg)
         cache = cache_dir(cfg.cache_dir)
         self.data = load_train_data(cfg, mode, self.objective.uses_retain, cache)

@@ -19,7 +19,7 @@ from pathlib import Path
 import orbax.checkpoint as ocp
 
 from npo_jax import distributed
-from npo_jax.checkpoint import STATE_ITEM, verify_step
+from npo_jax.checkpoint import STATE_ITEM, check_saved_params, verify_step
 from npo_jax.errors import NpoJaxError
 from npo_jax.fs import checksum_tree, write_checksums
 
@@ -106,6 +106,7 @@ class TrainCheckpoints:
                 failed = e
         if distributed.any_process(failed is not None):
             raise failed or NpoJaxError(f"{step_dir}: failed its checksum check on process 0 (see its log)")
+        check_saved_params(step_dir, abstract_state["params"])  # before Orbax starts reads it cannot finish
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(
                 **{STATE_ITEM: ocp.args.StandardRestore(abstract_state), "meta": ocp.args.JsonRestore()}))

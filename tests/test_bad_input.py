@@ -1,6 +1,10 @@
-"""Bad input: one clear message naming the file and tensor or field, exit code 2, no output folder."""
+"""Bad input: one clear message naming the file and tensor or field, exit code 2, no output folder;
+an existing output folder is replaced only when asked, and only if it holds a previous output."""
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -8,6 +12,7 @@ import pytest
 import torch
 from hf_models import make_hf_model, tiny_config
 from safetensors.numpy import load_file, save_file
+from test_bad_config import cli_fails
 
 from npo_jax.cli import main
 
@@ -182,3 +187,137 @@ def test_bad_dtype_and_shard_size(hf_dir, tmp_path, capsys):
     assert main(["convert", "hf-to-orbax", str(hf_dir), str(tmp_path / "ckpt")]) == 0
     _assert_fails(capsys, ["convert", "orbax-to-hf", str(tmp_path / "ckpt"), str(tmp_path / "out"),
                            "--max-shard-size", "lots"], "--max-shard-size")
+
+
+# -- output folders: nothing deleted, nothing half-made -------------------------------------------
+
+LOG = {"forget_Q_A_Prob": {"value_by_index": {"0": {"prob": 0.5, "avg_loss": 0.69}}}}
+
+
+@pytest.fixture
+def log_file(tmp_path):
+    path = tmp_path / "log.json"
+    path.write_text(json.dumps(LOG))
+    return path
+
+
+def _run_folder(tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints" / "4").mkdir(parents=True)
+    (run / "config.yaml").write_text("seed: 0\n")
+    return run
+
+
+def test_eval_out_exists(capsys, tmp_path, log_file):
+    """`eval --out RUN` must not delete the run: refused without --overwrite, and with it too,
+    since RUN holds files eval does not write."""
+    run = _run_folder(tmp_path)
+    rescore = ["eval", "--from-log", log_file, "--out", run]
+    cli_fails(capsys, rescore, f"{run}: output folder exists (pass --overwrite", watch=tmp_path)
+    cli_fails(capsys, [*rescore, "--overwrite"], f"{run}: not replaced, even with --overwrite: it holds checkpoints, "
+              "config.yaml", watch=tmp_path)
+
+
+def test_eval_overwrite_replaces_a_previous_evaluation_only(capsys, tmp_path, log_file):
+    out = tmp_path / "eval"
+    assert main(["eval", "--from-log", str(log_file), "--out", str(out)]) == 0
+    first = (out / "TOFU_EVAL.json").stat().st_mtime_ns
+    cli_fails(capsys, ["eval", "--from-log", log_file, "--out", out], "--overwrite", watch=tmp_path)
+    assert main(["eval", "--from-log", str(log_file), "--out", str(out), "--overwrite"]) == 0
+    assert (out / "TOFU_EVAL.json").stat().st_mtime_ns != first
+    (out / "notes.txt").write_text("mine")
+    cli_fails(capsys, ["eval", "--from-log", log_file, "--out", out, "--overwrite"], "it holds notes.txt",
+              watch=tmp_path)
+
+
+def test_audit_out_exists(capsys, tmp_path, hf_dir):
+    run = _run_folder(tmp_path)
+    audit = ["audit", "--models", f"m={hf_dir}", "--out", run]
+    cli_fails(capsys, audit, f"{run}: output folder exists (pass --overwrite", watch=tmp_path)
+    cli_fails(capsys, [*audit, "--overwrite"], "not replaced, even with --overwrite: it holds checkpoints",
+              watch=tmp_path)
+
+
+def test_overwrite_recognises_a_previous_output(tmp_path):
+    from npo_jax.audit.cli import AUDIT_FILES
+    from npo_jax.fs import atomic_output_dir
+
+    out = tmp_path / "audit"
+    out.mkdir()
+    for name in AUDIT_FILES:
+        (out / name).write_text("old")
+    with atomic_output_dir(out, overwrite=True, replaces=AUDIT_FILES) as tmp:
+        (tmp / "AUDIT.json").write_text("new")
+    assert sorted(p.name for p in out.iterdir()) == ["AUDIT.json"] and (out / "AUDIT.json").read_text() == "new"
+    empty = tmp_path / "empty"
+    empty.mkdir()  # an empty folder holds nothing to lose: written without --overwrite
+    with atomic_output_dir(empty, replaces=AUDIT_FILES) as tmp:
+        (tmp / "AUDIT.md").write_text("x")
+    assert (empty / "AUDIT.md").is_file()
+
+
+def test_output_under_a_file(capsys, tmp_path, hf_dir, log_file):
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("mine")
+    msg = f"cannot create this output folder: {blocker} is a file"
+    cli_fails(capsys, ["eval", "--from-log", log_file, "--out", blocker / "eval"], msg, watch=tmp_path)
+    cli_fails(capsys, ["convert", "hf-to-orbax", hf_dir, blocker / "ckpt"], msg, watch=tmp_path)
+    cli_fails(capsys, ["convert", "orbax-to-hf", hf_dir, blocker / "hf"], msg, watch=tmp_path)
+    cli_fails(capsys, ["eval", "--from-log", log_file, "--out", blocker], "notes.txt: is a file", watch=tmp_path)
+
+
+@pytest.mark.parametrize("flags,fragment", [
+    (["--max-new-tokens", "-1"], "--max-new-tokens -1: must be at least 1"),
+    (["--limit", "0"], "--limit 0: must be at least 1"),
+    (["--batch-size", "0"], "--batch-size 0: must be at least 1"),
+])
+def test_eval_flags(capsys, tmp_path, hf_dir, flags, fragment):
+    cli_fails(capsys, ["eval", hf_dir, "--out", tmp_path / "eval", *flags], fragment, watch=tmp_path)
+
+
+@pytest.mark.parametrize("flags,fragment", [
+    (["--temperature", "-0.5"], "--temperature=-0.5 is out of range: it must be >= 0"),
+    (["--top-p", "0"], "--top-p=0.0 is out of range: it must be > 0 and <= 1"),
+    (["--top-p", "1.5"], "--top-p=1.5 is out of range: it must be > 0 and <= 1"),
+    (["--temperature", "nan"], "--temperature=nan is out of range"),
+])
+def test_audit_sampling_flags(capsys, tmp_path, hf_dir, flags, fragment):
+    cli_fails(capsys, ["audit", "--models", f"m={hf_dir}", "--out", tmp_path / "audit", *flags], fragment,
+              watch=tmp_path)
+
+
+# -- Orbax: only our message -------------------------------------------------------------------------
+
+
+def test_params_checkpoint_loads_without_absl_warnings(hf_dir, tmp_path, caplog):
+    assert main(["convert", "hf-to-orbax", str(hf_dir), str(tmp_path / "ckpt")]) == 0
+    caplog.clear()
+    assert main(["convert", "orbax-to-hf", str(tmp_path / "ckpt"), str(tmp_path / "export")]) == 0
+    assert "Metadata file does not exist" not in caplog.text
+
+
+def test_resume_with_another_model_size_prints_only_the_message(tmp_path):
+    """The error comes from the checkpoint's metadata, before Orbax starts reads that would fail
+    (their background tasks used to print tracebacks after the message, as the process exited)."""
+    from tofu_fixture import make_mini_tofu, make_tiny_model_with_tokenizer
+
+    from npo_jax.run_config import load_run_config
+    from npo_jax.train import Trainer
+
+    data = make_mini_tofu(tmp_path)
+    small = make_tiny_model_with_tokenizer(tmp_path / "small", data, hidden=32)
+    common = [f"data.dir={data}", f"cache_dir={tmp_path / 'cache'}", f"output_dir={tmp_path / 'run'}",
+              "data.max_length=128", "data.length_buckets=[128]", "optim.effective_batch=8",
+              "optim.per_device_batch=1", "optim.epochs=1", "checkpoint.export_hf=false"]
+    Trainer(load_run_config(None, [f"model.path={small}", *common]), "unlearn", progress=False, max_steps=1).train()
+    other = make_tiny_model_with_tokenizer(tmp_path / "other", data, hidden=64)
+    (tmp_path / "run.yaml").write_text("seed: 0\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run([sys.executable, "-m", "npo_jax.cli", "unlearn", str(tmp_path / "run.yaml"),
+                           f"model.path={other}", *common, "--resume"], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.splitlines() == [
+        f"npo-jax: error: {tmp_path / 'run' / 'checkpoints' / '1'}: cannot restore the checkpoint: parameter "
+        "'embed_tokens/embedding' was saved with shape [320, 32], this run's model has [320, 64] (a checkpoint of "
+        "another model?)"], proc.stderr

@@ -41,8 +41,8 @@ def test_real_tofu_files_load_in_file_order(tmp_path):
 
 
 def test_hub_download_path_served_locally(tmp_path, monkeypatch):
-    """The real download code path (TFDS download manager, locuslab/TOFU file names), pointed at a
-    loopback HTTP server that serves NAME.json files."""
+    """The real download code path (`fetch`, locuslab/TOFU file names), pointed at a loopback HTTP
+    server that serves NAME.json files."""
     served = tmp_path / "served"
     write_split(served, "forget01", qa_rows(0, 3))
     (served / "forget01.json").write_bytes((served / "forget01.jsonl").read_bytes())

@@ -1,6 +1,5 @@
 """Losses and gradients against open-unlearning's formulas in PyTorch, on the same HF model and batch."""
 
-import copy
 
 import jax
 import numpy as np
@@ -160,7 +159,6 @@ def test_tiny_ref_model_is_really_different(models):
     folder, ref_folder = models
     a, b = load_hf(folder), load_hf(ref_folder)
     assert not torch.equal(a.model.embed_tokens.weight, b.model.embed_tokens.weight)
-    assert copy.deepcopy(a) is not a
 
 
 def test_cached_reference_logprobs_match_open_unlearning(models):

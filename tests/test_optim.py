@@ -1,5 +1,7 @@
 """Our optax optimizer against torch.optim.AdamW with HF's linear warmup/decay schedule."""
 
+import re
+
 import jax
 import numpy as np
 import torch
@@ -36,6 +38,16 @@ def test_clipping_is_torchs_clip_grad_norm():
                 assert not np.allclose(t.grad.numpy(), grads[k], rtol=5e-7, atol=0)
 
 
+# transformers' Trainer.get_decay_parameter_names: no weight decay for a parameter whose name
+# matches one of these (checked here on the HF-style dotted names of our param paths)
+HF_NO_DECAY = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"]
+
+
+def _hf_decays(path) -> bool:
+    name = ".".join(k.key for k in path)
+    return not any(re.search(p, name) for p in HF_NO_DECAY)
+
+
 def test_adamw_steps_match_torch_with_hf_schedule():
     rng = np.random.RandomState(0)
     params = {
@@ -43,8 +55,9 @@ def test_adamw_steps_match_torch_with_hf_schedule():
                    "input_layernorm": {"scale": 1 + 0.1 * rng.randn(2, 6).astype(np.float32)},
                    "self_attn": {"q_proj": {"bias": rng.randn(2, 5).astype(np.float32)}}},
         "embed_tokens": {"embedding": rng.randn(10, 6).astype(np.float32)},
+        "norm": {"scale": 1 + 0.1 * rng.randn(6).astype(np.float32)},
+        "lm_head": {"kernel": rng.randn(6, 10).astype(np.float32)},
     }
-    assert decay_mask(params)["layers"]["input_layernorm"]["scale"] is False
     lr, wd, warmup, total = 2e-3, 0.01, 2, 6
     grads_seq = [jax.tree.map(lambda p, s=s: (3.0 if s % 2 else 0.05) * rng.randn(*p.shape).astype(np.float32),
                               params) for s in range(4)]  # odd steps: norm > 1, so clipping acts
@@ -56,11 +69,14 @@ def test_adamw_steps_match_torch_with_hf_schedule():
         updates, state = tx.update(g, state, ours)
         ours = jax.tree.map(lambda p, u: p + u, ours, updates)
 
-    leaves, treedef = jax.tree.flatten(params)
-    mask = jax.tree.leaves(decay_mask(params))
+    paths, leaves = zip(*jax.tree_util.tree_flatten_with_path(params)[0], strict=True)
+    decays = [_hf_decays(path) for path in paths]  # torch's groups from HF's rule, not from our decay_mask
+    names = {".".join(k.key for k in path) for path, d in zip(paths, decays, strict=True) if d}
+    assert names == {"embed_tokens.embedding", "layers.mlp.up_proj.kernel", "lm_head.kernel"}
+    assert jax.tree.leaves(decay_mask(params)) == decays
     tparams = [torch.nn.Parameter(torch.tensor(x)) for x in leaves]
-    groups = [{"params": [p for p, m in zip(tparams, mask, strict=False) if m], "weight_decay": wd},
-              {"params": [p for p, m in zip(tparams, mask, strict=False) if not m], "weight_decay": 0.0}]
+    groups = [{"params": [p for p, d in zip(tparams, decays, strict=True) if d], "weight_decay": wd},
+              {"params": [p for p, d in zip(tparams, decays, strict=True) if not d], "weight_decay": 0.0}]
     opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8)
     sched = get_linear_schedule_with_warmup(opt, warmup, total)
     lrs = []

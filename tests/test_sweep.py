@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from tofu_fixture import add_eval_splits, make_mini_tofu, make_tiny_model_with_tokenizer
@@ -16,6 +17,8 @@ from npo_jax.errors import NpoJaxError
 from npo_jax.eval.cli import load_scorer
 from npo_jax.eval.suite import Suite, write_outputs
 from npo_jax.sweep import RESULT_FILE, grid_points, load_sweep_config, run_sweep
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +61,7 @@ def test_grid_names_and_order():
 
 
 def test_shipped_grid_is_the_seed_sweep():
-    cfg = load_sweep_config("configs/sweep/tofu_llama3.2_3b_npo_grid.yaml", ["eval.retain_logs=x"])
+    cfg = load_sweep_config(ROOT / "configs/sweep/tofu_llama3.2_3b_npo_grid.yaml", ["eval.retain_logs=x"])
     points = dict(grid_points(cfg.grid))
     assert len(points) == 54
     assert {"optim.epochs": 5, "optim.lr": 2e-5, "method.alpha": 2.0, "method.beta": 0.1} in points.values()

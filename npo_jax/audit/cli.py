@@ -3,7 +3,8 @@
 Input is checked before any model is loaded: a malformed `--models` entry, a repeated name, a
 missing folder or an unknown `--reference` is an error naming it. Models are loaded one at a time
 (HF folders or Orbax checkpoints, as `npo-jax eval`); OUT gets AUDIT.json, AUDIT.md and
-audit.png, all or nothing.
+audit.png, all or nothing; an existing OUT is replaced only with --overwrite, and only if it
+holds nothing but those files (a previous audit).
 """
 
 from __future__ import annotations
@@ -13,12 +14,16 @@ import json
 from pathlib import Path
 
 from npo_jax.errors import NpoJaxError
+from npo_jax.run_config import COMPUTE_DTYPES, check_range
+
+AUDIT_FILES = ("AUDIT.json", "AUDIT.md", "audit.png")
 
 
 def add_arguments(p) -> None:
     p.add_argument("--models", nargs="+", required=True, metavar="NAME=DIR",
                    help="models to audit: HF folders, Orbax params checkpoints or training checkpoints/ folders")
     p.add_argument("--out", required=True, help="output folder for AUDIT.json, AUDIT.md, audit.png")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it holds a previous audit (only)")
     p.add_argument("--data-dir", default=None, help="local TOFU folder (default: download locuslab/TOFU)")
     p.add_argument("--tfds-dir", default=None)
     p.add_argument("--forget-split", default="forget10", help="forget items: {split}_perturbed (default forget10)")
@@ -27,8 +32,8 @@ def add_arguments(p) -> None:
     p.add_argument("--limit", type=int, default=None, help="only the first N items of each split")
     p.add_argument("--seed", type=int, default=0, help="sampling, clue choice, relearning split and bootstrap")
     p.add_argument("--n-samples", type=int, default=10, help="best-of-N samples per item (default 10)")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature, >= 0 (0: greedy)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, > 0 and <= 1")
     p.add_argument("--clue-turns", type=int, default=3, help="earlier QA turns in chain-of-clues (default 3)")
     p.add_argument("--qa-per-author", type=int, default=20, help="consecutive rows per author (TOFU: 20)")
     p.add_argument("--relearn-steps", type=int, default=0, help="relearning fine-tuning steps (default 0: skip)")
@@ -38,7 +43,7 @@ def add_arguments(p) -> None:
     p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: each model folder)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--compute-dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--compute-dtype", default="float32", choices=COMPUTE_DTYPES)
     p.add_argument("--eot-mask-quirk", action="store_true", help="open-unlearning's mask of every <|eot_id|>")
 
 
@@ -77,6 +82,8 @@ def _check(args, models: dict) -> None:
             raise NpoJaxError(f"--{flag.replace('_', '-')} must be at least 1")
     if args.clue_turns < 0 or args.relearn_steps < 0 or (args.limit is not None and args.limit < 1):
         raise NpoJaxError("--clue-turns and --relearn-steps must be >= 0, --limit >= 1")
+    for flag, lo, hi in (("temperature", 0, None), ("top_p", {0}, 1), ("relearn_lr", {0}, None), ("seed", 0, None)):
+        check_range(f"--{flag.replace('_', '-')}", getattr(args, flag), lo, hi, prefix="")
 
 
 def run_audit(args) -> dict:
@@ -85,10 +92,11 @@ def run_audit(args) -> dict:
     from npo_jax.audit.run import AuditSplit, audit_model
     from npo_jax.data.tofu import load_split
     from npo_jax.eval.cli import load_scorer
-    from npo_jax.fs import atomic_output_dir
+    from npo_jax.fs import atomic_output_dir, check_output_dir
 
     models = parse_models(args.models)
     _check(args, models)
+    check_output_dir(args.out, args.overwrite, AUDIT_FILES)  # before any model is loaded; again when writing
     splits = {}
     for key, name in _split_names(args).items():
         rows = list(load_split(name, args.data_dir, args.tfds_dir))
@@ -114,7 +122,7 @@ def run_audit(args) -> dict:
     report = build_report(results, {n: str(p) for n, p in models.items()}, config, reference=args.reference,
                           seed=args.seed, n_resamples=args.bootstrap)
     table = format_markdown(report)
-    with atomic_output_dir(args.out, overwrite=True) as tmp:
+    with atomic_output_dir(args.out, overwrite=args.overwrite, replaces=AUDIT_FILES) as tmp:
         (tmp / "AUDIT.json").write_text(json.dumps(report, indent=2) + "\n")
         (tmp / "AUDIT.md").write_text(f"# npo-jax audit\n\n{table}\n\nDefinitions: docs/audit.md; items and "
                                       "generations: AUDIT.json.\n")

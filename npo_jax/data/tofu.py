@@ -13,15 +13,18 @@ import contextlib
 import hashlib
 import io
 import json
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import numpy as np
 import tensorflow_datasets as tfds
 
 from npo_jax.errors import NpoJaxError
-from npo_jax.fs import cache_dir
+from npo_jax.fs import atomic_write, cache_dir
 
 HUB_URL = "https://huggingface.co/datasets/locuslab/TOFU/resolve/main"
+HUB_TIMEOUT_S = 20  # per connect or read: a dead network fails within it
 
 QA = ("question", "answer")
 PERTURBED = (*QA, "paraphrased_answer", "perturbed_answer", "paraphrased_question")
@@ -75,12 +78,29 @@ class Tofu(tfds.core.GeneratorBasedBuilder):
             if path is None:
                 raise NpoJaxError(f"{manual}: no {name}.json or {name}.jsonl (TOFU split '{name}')")
         else:
-            path = Path(dl_manager.download(f"{self.hub_url}/{name}.json"))
+            path = fetch(f"{self.hub_url}/{name}.json", Path(dl_manager.download_dir))
         return {"train": self._generate_examples(path)}
 
     def _generate_examples(self, path: Path):
         for index, record in enumerate(read_records(path, SPLIT_FIELDS[self.builder_config.name])):
             yield index, {**record, "index": index}
+
+
+def fetch(url: str, folder: Path) -> Path:
+    """`url` saved in `folder` (kept: a second call reads nothing). One request with a short
+    timeout, no retries: offline, an error naming the URL within seconds, not minutes of retries."""
+    dest = folder / url.rsplit("/", 1)[-1]
+    if dest.is_file():
+        return dest
+    try:
+        with urllib.request.urlopen(url, timeout=HUB_TIMEOUT_S) as response:
+            data = response.read()
+    except (OSError, ValueError) as e:  # URLError, HTTPError, a timeout; ValueError: a malformed URL
+        reason = getattr(e, "reason", None) or e
+        raise NpoJaxError(f"{url}: download failed ({reason}); without network access, put the TOFU files "
+                          "(NAME.json or NAME.jsonl) in a folder and set data.dir (eval, audit: --data-dir)") from None
+    folder.mkdir(parents=True, exist_ok=True)
+    return atomic_write(dest, lambda p: p.write_bytes(data))
 
 
 def read_records(path: Path, fields) -> list[dict]:

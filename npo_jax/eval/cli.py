@@ -7,13 +7,15 @@ from pathlib import Path
 from npo_jax.errors import NpoJaxError
 from npo_jax.eval.aggregate import aggregate, per_item_values, read_log, summary
 from npo_jax.eval.report import format_table, plot_truth_ratios
-from npo_jax.eval.suite import write_outputs
+from npo_jax.eval.suite import EVAL_FILES, write_outputs
+from npo_jax.fs import check_output_dir
 
 
 def load_scorer(model_path, tokenizer_path=None, *, compute_dtype="float32", batch_size=16, max_new_tokens=200,
-                eot_mask_quirk=False):
-    """The JAX scorer (`npo_jax.eval.scoring.Scorer`) of an HF model folder or an npo-jax checkpoint."""
-    from npo_jax.data.tokenize import load_tokenizer
+                eot_mask_quirk=False, fmt=None):
+    """The JAX scorer (`npo_jax.eval.scoring.Scorer`) of an HF model folder or an npo-jax checkpoint;
+    `fmt`: the chat format (system prompt, date string) the model was trained with."""
+    from npo_jax.data.tokenize import ChatFormat, load_tokenizer
     from npo_jax.dtypes import dtype
     from npo_jax.eval.lm import LoadedLM
     from npo_jax.eval.scoring import Scorer
@@ -26,31 +28,47 @@ def load_scorer(model_path, tokenizer_path=None, *, compute_dtype="float32", bat
     tokenizer = load_tokenizer(tokenizer_path or model_path)
     loaded = load_model(model_path)
     graphdef, _ = split_params(abstract_model(loaded.config, compute_dtype=dtype(compute_dtype, "compute dtype")))
-    lm = LoadedLM(graphdef, loaded.params, tokenizer, eot_mask_quirk=eot_mask_quirk)
+    lm = LoadedLM(graphdef, loaded.params, tokenizer, fmt=fmt or ChatFormat(), eot_mask_quirk=eot_mask_quirk)
     return Scorer(lm, batch_size=batch_size, max_new_tokens=max_new_tokens)
 
 
+def check_numbers(args) -> None:
+    """Flags a user types: sizes of at least 1 (a --limit of 0 would mean "all" further down)."""
+    for flag in ("batch_size", "max_new_tokens", "limit"):
+        value = getattr(args, flag, None)
+        if value is not None and value < 1:
+            raise NpoJaxError(f"--{flag.replace('_', '-')} {value}: must be at least 1")
+
+
 def apply_run_folder(args) -> None:
-    """Fill MODEL, data and output settings from a training run's folder and resolved config."""
+    """Fill MODEL, data and output settings from a training run's folder and resolved config:
+    every data setting the run trained with (splits, chat format, eot mask)."""
+    from npo_jax.data.tokenize import ChatFormat
     from npo_jax.fs import cache_dir
     from npo_jax.run_config import load_run_config
 
     run = Path(args.run)
+    if not (run / "config.yaml").is_file():
+        raise NpoJaxError(f"--run {run}: not a training run folder (no config.yaml)")
     cfg = load_run_config(run / "config.yaml")
     args.model = args.model or str(run / "checkpoints")
     args.data_dir = args.data_dir or cfg.data.dir
     args.tfds_dir = args.tfds_dir or cfg.data.tfds_dir or str(cache_dir(cfg.cache_dir) / "tfds")
     args.forget_split = args.forget_split or cfg.data.forget_split
     args.eot_mask_quirk = args.eot_mask_quirk or cfg.data.eot_mask_quirk
+    args.fmt = ChatFormat(cfg.data.system_prompt, cfg.data.date_string)
     args.out = args.out or str(run / "eval")
 
 
 def run_eval(args) -> dict:
+    check_numbers(args)
     if getattr(args, "run", None):
         apply_run_folder(args)
     args.forget_split = args.forget_split or "forget10"
     if not args.out:
         raise NpoJaxError("eval: --out is required (or --run)")
+    overwrite = getattr(args, "overwrite", False)
+    check_output_dir(args.out, overwrite, EVAL_FILES)  # before any model is loaded; again when writing
     retain_log = read_log(args.retain_logs, "retain log") if args.retain_logs else None
     base_log = read_log(args.base_logs, "base log") if args.base_logs else None
     if args.from_log:
@@ -66,13 +84,14 @@ def run_eval(args) -> dict:
 
         scorer = load_scorer(args.model, args.tokenizer, compute_dtype=args.compute_dtype,
                              batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                             eot_mask_quirk=args.eot_mask_quirk)
+                             eot_mask_quirk=args.eot_mask_quirk, fmt=getattr(args, "fmt", None))
         suite = Suite(scorer, data_dir=args.data_dir, tfds_dir=args.tfds_dir, forget_split=args.forget_split,
                       holdout_split=args.holdout_split, limit=args.limit)
         eval_log = suite.run(retain_log)
     logs = {"model": eval_log, "retain": retain_log, "base": base_log}
-    write_outputs(args.out, eval_log, extra_files={
-        "truth_ratios.png": lambda p: plot_truth_ratios(p, logs)})
+    plot = {"truth_ratios.png": lambda p: plot_truth_ratios(p, logs)}
+    write_outputs(args.out, eval_log, overwrite=overwrite,
+                  extra_files=plot if "forget_truth_ratio" in eval_log else {})  # a partial --from-log has none
     summaries = {"model": summary(eval_log)}
     if base_log:
         summaries["base"] = summary(base_log)

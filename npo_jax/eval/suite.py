@@ -126,9 +126,15 @@ class Suite:
         return aggregate(self.per_item(), retain_log)
 
 
-def write_outputs(out_dir: str | Path, eval_log: dict, *, overwrite: bool = True, extra_files: dict | None = None):
-    """TOFU_EVAL.json and TOFU_SUMMARY.json (open-unlearning's layout), all or nothing."""
-    with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
+# what `npo-jax eval` writes: with --overwrite, only a folder holding nothing else is replaced
+EVAL_FILES = ("TOFU_EVAL.json", "TOFU_SUMMARY.json", "truth_ratios.png")
+
+
+def write_outputs(out_dir: str | Path, eval_log: dict, *, overwrite: bool = False, extra_files: dict | None = None):
+    """TOFU_EVAL.json and TOFU_SUMMARY.json (open-unlearning's layout), all or nothing; an
+    existing folder is replaced only with `overwrite`, and only if it holds a previous evaluation."""
+    replaces = {*EVAL_FILES, *(extra_files or {})}
+    with atomic_output_dir(out_dir, overwrite=overwrite, replaces=replaces) as tmp:
         (tmp / "TOFU_EVAL.json").write_text(json.dumps(eval_log, indent=4))
         (tmp / "TOFU_SUMMARY.json").write_text(json.dumps(summary(eval_log), indent=4))
         for name, write in (extra_files or {}).items():
