@@ -209,7 +209,7 @@ def test_eval_run_applies_the_runs_data_settings(tmp_path):
     from npo_jax.eval.cli import apply_run_folder
 
     run = _run_folder(tmp_path)
-    args = SimpleNamespace(run=str(run), model=None, data_dir=None, tfds_dir=None, forget_split="forget10",
+    args = SimpleNamespace(run=str(run), model=None, data_dir=None, tfds_dir=None, forget_split=None,
                            eot_mask_quirk=False, out=None)
     apply_run_folder(args)
     assert args.fmt == ChatFormat("Answer briefly.", "1 Jan 2020")
