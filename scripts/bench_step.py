@@ -1,6 +1,6 @@
 """Benchmark our NPO train step against the PyTorch step an open-unlearning user runs.
 
-    python scripts/bench_step.py --preset small --vs-torch            # the table of issue 6
+    python scripts/bench_step.py --preset small --vs-torch            # the step against torch (docs/performance.md)
     python scripts/bench_step.py --preset small --vs-torch --json     # + one JSON object, last line
     python scripts/bench_step.py --preset small --reference live      # our step alone, in-process
     python scripts/bench_step.py --preset small --vs-torch --hugepages # all workers with THP (glibc)

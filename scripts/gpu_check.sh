@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The accelerator check of issue 6 in one call: the Llama-3.2-1B- and 3B-shape NPO step in bfloat16
+# The accelerator check in one call: the Llama-3.2-1B- and 3B-shape NPO step in bfloat16
 # (ours with a live and with a cached reference, and the open-unlearning PyTorch step) on one GPU,
 # tokens/s and the fraction of the bf16 matmul peak measured in the same run, one variant at a time.
 #
