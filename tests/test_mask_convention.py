@@ -237,3 +237,28 @@ def test_training_takes_the_starting_models_convention(world, tmp_path, capsys):
         assert load_run_config(out / "config.yaml").data.eot_mask_quirk is expected
         assert recorded_mask(out / "checkpoints") is expected
         assert (NOTE in capsys.readouterr().out) is expected
+
+
+def test_the_readmes_real_run_never_mixes_conventions(world, tmp_path):
+    """The README's real run on local files: convert open-unlearning's release, unlearn with the
+    shipped seed config, evaluate the run against a published (record-less) retain log, export:
+    open-unlearning's mask at every step, and no convention warning."""
+    root = world["root"]
+    ckpt = hf_to_orbax(world["release"], tmp_path / "ckpt", progress=False)  # step 1
+    run = tmp_path / "npo_3b"
+    cfg = load_run_config(ROOT / "configs/unlearn/tofu_llama3.2_3b_npo.yaml", [  # step 2, sized for a CPU
+        f"model.path={ckpt}", f"output_dir={run}", f"data.dir={world['data']}", f"cache_dir={root}/cache",
+        "model.compute_dtype=float32", "data.max_length=128", "data.length_buckets=[128]",
+        "optim.effective_batch=8", "optim.per_device_batch=8", "parallel.fsdp=1", "parallel.data=1",
+        "checkpoint.export_dtype=float32"])
+    Trainer(cfg, "unlearn", progress=False, max_steps=1).train()
+    assert recorded_mask(run / "checkpoints") is True and recorded_mask(run / "hf") is True
+    published = dict(world["evals"]["release"]["log"])  # open-unlearning's retain log carries no record
+    del published[LOG_KEY]
+    (tmp_path / "retain90.json").write_text(json.dumps(published))
+    rc, out, err = _quiet_main(["eval", "--run", str(run), "--holdout-split", "holdout10", "--retain-logs",
+                                str(tmp_path / "retain90.json"), "--limit", "2", "--max-new-tokens", "2"])  # step 3
+    assert rc == 0, err
+    assert "conventions" not in err and NOTE not in out
+    assert json.loads((run / "eval" / "TOFU_EVAL.json").read_text())[LOG_KEY] == {"eot_mask_quirk": True}
+    assert recorded_mask(orbax_to_hf(run / "checkpoints", tmp_path / "export", progress=False)) is True  # step 4
