@@ -20,6 +20,7 @@ from npo_jax.config import with_dtype
 from npo_jax.dtypes import dtype as dtype_named
 from npo_jax.errors import NpoJaxError
 from npo_jax.fs import atomic_output_dir, check_output_dir, file_checksum, write_checksums
+from npo_jax.mask_convention import copy_record
 from npo_jax.memory import trim_host_memory
 from npo_jax.params import param_specs
 from npo_jax.safetensors_io import INDEX_NAME
@@ -117,4 +118,5 @@ def orbax_to_hf(src: str | Path, dst: str | Path, dtype: str | None = None,
             generation = _generation_config(reader.raw_config)
             (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         copy_side_files(tok_src, tmp, TOKENIZER_FILES)
+        copy_record(reader.folder, tmp)  # the mask convention the model was trained with
     return dst

@@ -3,11 +3,12 @@
 Two kinds of folder hold params:
 - a *params checkpoint* (written by `convert hf-to-orbax`): `params/` (an Orbax checkpoint
   whose one PyTree is the nested param dict, written a tensor at a time), the source
-  `config.json`, `generation_config.json`, tokenizer files and `npo_jax_params.json` (what it
-  is and in which dtype);
+  `config.json`, `generation_config.json`, tokenizer files, `npo_jax_params.json` (what it
+  is and in which dtype) and the source's `npo_jax_model.json` if it has one (the mask
+  convention its model was trained with, `npo_jax.mask_convention`);
 - a *training checkpoint* (an `orbax.checkpoint.CheckpointManager` root): numbered step folders,
   each with a `state` item whose `params` subtree holds the params, and the same config and
-  tokenizer files beside the step folders.
+  tokenizer files beside the step folders, with the `npo_jax_model.json` of the run's mask.
 Readers get the newest step of a training checkpoint and read only its params.
 
 Both kinds carry `npo_jax_checksums.json` (size and sha256 of every Orbax file: in the params
@@ -32,6 +33,7 @@ from orbax.checkpoint import v1 as ocp_v1
 from npo_jax.config import LlamaConfig, read_config_dict
 from npo_jax.errors import NpoJaxError
 from npo_jax.fs import checksum_tree, verify_checksums, warn, write_checksums
+from npo_jax.mask_convention import copy_record
 from npo_jax.memory import trim_host_memory
 from npo_jax.params import param_specs, stored_shape
 from npo_jax.tree_paths import get_path, iter_paths, set_path
@@ -82,6 +84,7 @@ def save_params_checkpoint(dst: Path, arrays: Iterable[tuple[tuple[str, ...], ob
     ocp_v1.partial.finalize(target)
     write_checksums(dst, checksum_tree(dst, PARAMS_DIR))
     copy_side_files(source, dst)
+    copy_record(source, dst)  # an HF release has none, and its checkpoint then has none either
     (dst / MARKER).write_text(json.dumps({"format": "npo-jax-params", "version": 1, "dtype": dtype,
                                           "source": str(source)}, indent=2) + "\n")
 

@@ -73,7 +73,9 @@ def _eval_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--compute-dtype", default="float32", choices=COMPUTE_DTYPES)
-    p.add_argument("--eot-mask-quirk", action="store_true", help="open-unlearning's mask of every <|eot_id|>")
+    p.add_argument("--eot-mask-quirk", action=argparse.BooleanOptionalAction, default=None,
+                   help="open-unlearning's attention mask, which also hides every <|eot_id|> (or not: "
+                        "--no-eot-mask-quirk); default: the model's record, open-unlearning's without one")
     p.add_argument("--limit", type=int, default=None, help="only the first N items of each split")
     p.add_argument("--out", default=None, help="output folder for TOFU_EVAL.json, TOFU_SUMMARY.json, report")
     p.add_argument("--overwrite", action="store_true",

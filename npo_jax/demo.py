@@ -1,7 +1,8 @@
 """`npo-jax demo OUT`: the whole pipeline, offline, on a CPU, in a few minutes.
 
 Synthetic TOFU data and a demo tokenizer are generated; a tiny Llama (random init) is
-fine-tuned on `full` (the base model) and on `retain90` (the retain reference); the base is
+fine-tuned on `full` (the base model) and on `retain90` (the retain reference), with the
+padding-only attention mask, which their checkpoints record (`npo_jax.mask_convention`); the base is
 unlearned with NPO on forget10 / retain90 with the seed recipe (alpha 2, beta 0.1, 5 epochs; lr
 scaled to the tiny model); base, retain and unlearned models are evaluated with the TOFU suite;
 the unlearned model is exported to an HF folder and reloaded in transformers with a logits check.
@@ -185,12 +186,15 @@ def _prepare(out: Path, cfg: DemoConfig) -> tuple[Path, Path, Path]:
 def _train_models(out: Path, cfg: DemoConfig, data: Path, init: Path) -> dict[str, Path]:
     """The base (fine-tuned on full), the retain reference (on retain90) and the unlearned runs' folders."""
     cache = out / "cache"
+    # models trained from scratch use the padding-only mask and record it: the unlearning run and
+    # the evaluation read it from the base's and each run's checkpoints
+    scratch = {"checkpoint.export_hf": "false", "data.eot_mask_quirk": "false"}
     print("[2/6] fine-tune on full -> base model")
-    base = _train("finetune", init, out / "base", data, cache, cfg.finetune, cfg, **{"data.finetune_split": "full",
-                                                                                    "checkpoint.export_hf": "false"})
+    base = _train("finetune", init, out / "base", data, cache, cfg.finetune, cfg,
+                  **{"data.finetune_split": "full", **scratch})
     print("[3/6] fine-tune on retain90 -> retain reference")
     retain = _train("finetune", init, out / "retain", data, cache, cfg.finetune, cfg,
-                    **{"data.finetune_split": "retain90", "checkpoint.export_hf": "false"})
+                    **{"data.finetune_split": "retain90", **scratch})
     print("[4/6] unlearn the base model with NPO on forget10 / retain90")
     unlearned = _train("unlearn", base / "checkpoints", out / "unlearned", data, cache, cfg.unlearn, cfg,
                        **{"method.name": "NPO", "method.alpha": cfg.alpha, "method.beta": cfg.beta,

@@ -51,8 +51,10 @@ class DataConfig:
     length_buckets: list[int] = field(default_factory=lambda: [128, 256, 512])
     system_prompt: str = "You are a helpful assistant."
     date_string: str = "10 Apr 2025"
-    # open-unlearning's collator masks every <|eot_id|> (pad = eos); released TOFU models saw that
-    eot_mask_quirk: bool = False
+    # true: open-unlearning's mask, which also hides every <|eot_id|> (pad = eos; released TOFU models
+    # saw it); false: padding only; null: the model's recorded convention, open-unlearning's for a
+    # model without a record (npo_jax.mask_convention)
+    eot_mask_quirk: bool | None = None
 
 
 @dataclass

@@ -94,14 +94,19 @@ def grid_points(grid: dict[str, list]) -> list[tuple[str, dict]]:
 def run_sweep(config: str | Path, overrides=(), *, max_runs: int | None = None, progress: bool = True) -> list[dict]:
     """Train and evaluate every unfinished grid point, updating the leaderboard after each."""
     from npo_jax.eval.aggregate import read_log
+    from npo_jax.mask_convention import check_retain_log, resolve_eot_mask
     from npo_jax.run_config import load_run_config
 
     sweep = load_sweep_config(config, overrides)
     out = Path(sweep.output_dir)
     retain_log = read_log(sweep.eval.retain_logs, "retain log (eval.retain_logs)")
     points = grid_points(sweep.grid)
+    masks = set()
     for name, point in points:  # every point's config is valid before anything runs
-        load_run_config(sweep.run_config, _run_overrides(sweep, point, out / "runs" / name))
+        cfg = load_run_config(sweep.run_config, _run_overrides(sweep, point, out / "runs" / name))
+        masks.add(resolve_eot_mask(cfg.data.eot_mask_quirk, cfg.model.path, say=None))
+    for quirk in sorted(masks):  # a retain log of another convention: said before the runs, not after
+        check_retain_log(quirk, retain_log)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "sweep.yaml", OmegaConf.to_yaml(OmegaConf.structured(sweep)))
     done = 0
@@ -146,7 +151,7 @@ def _train_and_evaluate(cfg, sweep: SweepConfig, name: str, point: dict, retain_
     cache = cache_dir(cfg.cache_dir)
     scorer = load_scorer(ckpts, cfg.model.tokenizer, compute_dtype=sweep.eval.compute_dtype,
                          batch_size=sweep.eval.batch_size, max_new_tokens=sweep.eval.max_new_tokens,
-                         eot_mask_quirk=cfg.data.eot_mask_quirk,
+                         eot_mask_quirk=cfg.data.eot_mask_quirk,  # None: what its checkpoints record
                          fmt=ChatFormat(cfg.data.system_prompt, cfg.data.date_string))
     suite = Suite(scorer, data_dir=cfg.data.dir, tfds_dir=cfg.data.tfds_dir or cache / "tfds",
                   forget_split=cfg.data.forget_split, holdout_split=sweep.eval.holdout_split,

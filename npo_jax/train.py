@@ -5,7 +5,8 @@ Run folder layout:
     metrics.jsonl         one JSON object per optimizer step
     tb/                   TensorBoard event files
     checkpoints/          Orbax CheckpointManager (step folders with `state` and `meta`), plus the
-                          model's config.json and tokenizer files, so it exports as is
+                          model's config.json and tokenizer files, so it exports as is, and
+                          npo_jax_model.json: the attention-mask convention it was trained with
     reference_logprobs.npy  cached NPO reference log-probs of the forget set
     hf/                   the final params exported as an HF folder (unless turned off)
 
@@ -25,6 +26,7 @@ anything one of them saw alone (a signal, a missing cache file, a failed check).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import shutil
@@ -45,6 +47,7 @@ from npo_jax.data.batches import StepPlan, step_batch
 from npo_jax.errors import NpoJaxError, Preempted
 from npo_jax.fs import cache_dir, warn
 from npo_jax.losses import Objective
+from npo_jax.mask_convention import resolve_eot_mask, write_record
 from npo_jax.model import abstract_model, split_params
 from npo_jax.model_io import load_model
 from npo_jax.optim import make_optimizer, warmup_steps
@@ -77,6 +80,14 @@ def _load_model(cfg: RunConfig, placement: Placement):
     # float32 master params; no second copy when they already are (keeping `loaded` would hold one)
     params = jax.tree.map(lambda x: x if x.dtype == jnp.float32 else x.astype(jnp.float32), loaded.params)
     return graphdef, loaded.config, loaded.side_files_dir, params
+
+
+def _resolve_mask(cfg: RunConfig) -> RunConfig:
+    """`cfg` with `data.eot_mask_quirk` resolved: as set, else the starting model's recorded
+    convention, else open-unlearning's (npo_jax.mask_convention); what the run trains with and records."""
+    say = print if distributed.is_primary() else None
+    quirk = resolve_eot_mask(cfg.data.eot_mask_quirk, cfg.model.path, say)
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, eot_mask_quirk=quirk))
 
 
 def _optimizer(cfg: RunConfig, params, plan: StepPlan):
@@ -118,6 +129,7 @@ class Trainer:
     def __init__(self, cfg: RunConfig, mode: str, resume: bool = False, overwrite: bool = False,
                  progress: bool = True, max_steps: int | None = None):
         distributed.maybe_initialize()
+        cfg = _resolve_mask(cfg)
         self.cfg, self.mode, self.progress = cfg, mode, progress
         self.out = Path(cfg.output_dir)
         _check_output(self.out, resume, overwrite)
@@ -212,6 +224,7 @@ class Trainer:
         copy_side_files(self.side_files_dir, self.out / "checkpoints")
         if self.cfg.model.tokenizer:
             copy_side_files(Path(self.cfg.model.tokenizer), self.out / "checkpoints", TOKENIZER_FILES)
+        write_record(self.out / "checkpoints", self.cfg.data.eot_mask_quirk)  # export and eval read it
 
     def train(self) -> dict:
         cfg = self.cfg

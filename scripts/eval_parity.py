@@ -6,7 +6,8 @@ CPU) on a subset of TOFU, and print the per-metric differences; `--bench` adds w
 
 Both run the same suite layout (`npo_jax.eval.suite.Suite`); what differs is the compute: our
 jit-compiled, bucketed, chunked scoring and KV-cache generation vs transformers' forward and
-`generate`, each with its own tokenization of the chat.
+`generate`, each with its own tokenization of the chat. Both use the padding-only attention mask
+(transformers' own), whatever convention the model records.
 
 `--bench` times warm suites in turns: after each side's first run (ours compiles then), `--rounds`
 rounds of one warm run each, the order swapped every round, so drift in the machine's speed (15-25%
@@ -64,7 +65,8 @@ def main() -> None:
     import transformers
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    scorer = load_scorer(args.model, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+    scorer = load_scorer(args.model, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                         eot_mask_quirk=False)  # the mask TorchScorer uses
     hf = transformers.LlamaForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
     torch_scorer = TorchScorer(hf, scorer.tokenizer, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                                eos_ids=scorer.lm.eos_ids)

@@ -28,6 +28,7 @@ from npo_jax.cli import main
 from npo_jax.data.tokenize import IGNORE, Example, encode_qa
 from npo_jax.demo_tokenizer import build_demo_tokenizer
 from npo_jax.eval.cli import load_scorer
+from npo_jax.mask_convention import write_record
 from npo_jax.tree_paths import iter_paths
 
 QA_PER_AUTHOR = 7  # synthetic TOFU: 7 facts per author
@@ -200,6 +201,8 @@ def world(tmp_path_factory):
     random_dir = make_hf_model(root / "random", cfg, seed=0, dtype=torch.float32, perturb_norms=False)
     for f in tok_dir.iterdir():
         (random_dir / f.name).write_bytes(f.read_bytes())
+    # a model from scratch: the padding-only mask, recorded (the memoriser's checkpoint copies the record)
+    write_record(random_dir, False)
     random = load_scorer(random_dir, batch_size=32, max_new_tokens=32)
     random.buckets = (96, 128)
     memoriser, losses = _memorise(random, retain[:MEMORISED])
@@ -300,6 +303,7 @@ def test_cli_hf_and_orbax_models_side_by_side_and_reproducible(world, capsys):
     report = json.loads(text)
     models = report["models"]
     assert set(models) == {"random", "memoriser"} and report["reference"] == "random"
+    assert report["config"]["eot_mask_quirk"] == {"random": False, "memoriser": False}  # from their records
     assert models["random"]["probes"]["ll_shift"]["forget"]["rate"] == 0.0
     for probe in ("novel_recall", "best_of_n", "format_fill_blank", "chain_of_clues", "masked_probe"):
         assert all(s["rate"] <= LOW for s in models["random"]["probes"][probe].values())  # never trained at all

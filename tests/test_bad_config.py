@@ -85,7 +85,7 @@ def test_every_run_config_field_is_checked():
     for key, hint in _field_types(RunConfig):
         if hint in (int, float):
             assert key in RANGES or key == "parallel.data", key
-        elif key not in free_text and hint is not bool and key != "data.length_buckets":
+        elif key not in free_text and hint not in (bool, bool | None) and key != "data.length_buckets":
             literal = [a for a in (hint, *typing.get_args(hint)) if typing.get_origin(a) is typing.Literal]
             assert literal, f"{key}: {hint} has no choices"
 
@@ -210,10 +210,19 @@ def test_eval_run_applies_the_runs_data_settings(tmp_path):
 
     run = _run_folder(tmp_path)
     args = SimpleNamespace(run=str(run), model=None, data_dir=None, tfds_dir=None, forget_split=None,
-                           eot_mask_quirk=False, out=None)
+                           eot_mask_quirk=None, out=None)
     apply_run_folder(args)
     assert args.fmt == ChatFormat("Answer briefly.", "1 Jan 2020")
     assert (args.forget_split, args.eot_mask_quirk, args.out) == ("forget05", True, str(run / "eval"))
+    # a run whose checkpoints record their mask: the record decides (eot_mask_quirk left unset here)
+    from npo_jax.mask_convention import write_record
+
+    (run / "checkpoints").mkdir()
+    write_record(run / "checkpoints", True)
+    args = SimpleNamespace(run=str(run), model=None, data_dir=None, tfds_dir=None, forget_split=None,
+                           eot_mask_quirk=None, out=None)
+    apply_run_folder(args)
+    assert args.eot_mask_quirk is None
 
 
 def test_sweep_evaluates_with_the_runs_chat_format(tmp_path, monkeypatch):

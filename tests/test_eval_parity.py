@@ -25,7 +25,8 @@ from npo_jax.train import Trainer
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A tiny model fine-tuned for a few steps on the mini TOFU (so answers are not uniform), exported."""
+    """A tiny model fine-tuned for a few steps on the mini TOFU (so answers are not uniform), exported;
+    with the padding-only mask (transformers' default, which the reference here uses), as it records."""
     root = tmp_path_factory.mktemp("evalparity")
     data = add_eval_splits(make_mini_tofu(root))
     model = make_tiny_model_with_tokenizer(root, data)
@@ -33,7 +34,7 @@ def trained(tmp_path_factory):
         f"model.path={model}", f"data.dir={data}", f"cache_dir={root}/cache", f"output_dir={root}/ft",
         "data.max_length=128", "data.length_buckets=[128]", "optim.effective_batch=8", "optim.per_device_batch=8",
         "optim.epochs=6", "optim.lr=3e-3", "optim.warmup_epochs=0", "parallel.data=1",
-        "checkpoint.export_dtype=float32"])
+        "checkpoint.export_dtype=float32", "data.eot_mask_quirk=false"])  # recorded: eval without flags uses it
     Trainer(cfg, "finetune", progress=False).train()
     return root, data, root / "ft" / "hf"
 
@@ -188,7 +189,9 @@ def test_both_scorers_are_suite_scorers():
 
     tok = SimpleNamespace(eos_token_id=2, decode=lambda t, skip_special_tokens: " ".join(map(str, t)) + " ")
     torch_scorer = hf_reference.TorchScorer(None, tok)
-    assert isinstance(scoring.Scorer(None), SuiteScorer) and isinstance(torch_scorer, SuiteScorer)
+    jax_scorer = scoring.Scorer(SimpleNamespace(eot_mask_quirk=True))  # the mask convention comes from its model
+    assert isinstance(jax_scorer, SuiteScorer) and isinstance(torch_scorer, SuiteScorer)
+    assert (jax_scorer.eot_mask_quirk, torch_scorer.eot_mask_quirk) == (True, False)
     item = {"avg_loss": 1.0, "token_logprobs": np.zeros(1), "preds": np.zeros(1), "labels": np.zeros(1)}
     timings = {}
     with (mock.patch.object(hf_reference, "hf_score_batch", return_value=[item]),
@@ -336,7 +339,7 @@ def test_make_random_hf_gives_the_preset_shape_with_the_folders_tokenizer(traine
     assert cfg["eos_token_id"] == like["eos_token_id"]
     assert [p.name for p in tmp_path.iterdir()] == ["tiny_hf"]  # no temporary folder left beside it
     assert (out / "tokenizer.json").read_bytes() == (hf_dir / "tokenizer.json").read_bytes()
-    scorer = load_scorer(out, batch_size=4, max_new_tokens=4)
+    scorer = load_scorer(out, batch_size=4, max_new_tokens=4, eot_mask_quirk=False)  # hf_score's mask
     hf = transformers.LlamaForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     pairs = [("Who wrote it?", "Nobody did."), ("Where?", "Here and there, mostly there.")]
     for ours, (q, a) in zip(scorer.score_answers(pairs), pairs, strict=True):

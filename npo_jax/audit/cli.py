@@ -9,6 +9,7 @@ holds nothing but those files (a previous audit).
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 from pathlib import Path
@@ -44,7 +45,9 @@ def add_arguments(p) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--compute-dtype", default="float32", choices=COMPUTE_DTYPES)
-    p.add_argument("--eot-mask-quirk", action="store_true", help="open-unlearning's mask of every <|eot_id|>")
+    p.add_argument("--eot-mask-quirk", action=argparse.BooleanOptionalAction, default=None,
+                   help="open-unlearning's attention mask for every model (or not: --no-eot-mask-quirk); "
+                        "default: each model's record, open-unlearning's without one")
 
 
 def parse_models(entries: list[str]) -> dict[str, Path]:
@@ -107,18 +110,19 @@ def run_audit(args) -> dict:
     cfg = ProbeConfig(n_samples=args.n_samples, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                       clue_turns=args.clue_turns, qa_per_author=args.qa_per_author,
                       relearn_steps=args.relearn_steps, relearn_lr=args.relearn_lr, relearn_batch=args.relearn_batch)
-    results = {}
+    results, masks = {}, {}
     for name, path in models.items():
         print(f"auditing {name} ({path})", flush=True)
         scorer = load_scorer(path, args.tokenizer, compute_dtype=args.compute_dtype, batch_size=args.batch_size,
                              max_new_tokens=args.max_new_tokens, eot_mask_quirk=args.eot_mask_quirk)
+        masks[name] = scorer.eot_mask_quirk
         results[name] = audit_model(scorer, splits, cfg, n_resamples=args.bootstrap,
                                     log=lambda msg: print(msg, flush=True))
         del scorer
     config = {**dataclasses.asdict(cfg), "forget_split": splits["forget"].split, "retain_split": args.retain_split,
               "limit": args.limit, "bootstrap_resamples": args.bootstrap, "max_new_tokens": args.max_new_tokens,
               "batch_size": args.batch_size, "tokenizer": args.tokenizer,  # sampling seeds follow the batches
-              "compute_dtype": args.compute_dtype, "eot_mask_quirk": args.eot_mask_quirk}
+              "compute_dtype": args.compute_dtype, "eot_mask_quirk": masks}  # per model, as resolved
     report = build_report(results, {n: str(p) for n, p in models.items()}, config, reference=args.reference,
                           seed=args.seed, n_resamples=args.bootstrap)
     table = format_markdown(report)

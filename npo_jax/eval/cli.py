@@ -9,12 +9,14 @@ from npo_jax.eval.aggregate import aggregate, per_item_values, read_log, summary
 from npo_jax.eval.report import format_table, plot_truth_ratios
 from npo_jax.eval.suite import EVAL_FILES, write_outputs
 from npo_jax.fs import check_output_dir
+from npo_jax.mask_convention import check_retain_log, log_mask, mark_log, recorded_mask, resolve_eot_mask
 
 
 def load_scorer(model_path, tokenizer_path=None, *, compute_dtype="float32", batch_size=16, max_new_tokens=200,
-                eot_mask_quirk=False, fmt=None):
+                eot_mask_quirk=None, fmt=None):
     """The JAX scorer (`npo_jax.eval.scoring.Scorer`) of an HF model folder or an npo-jax checkpoint;
-    `fmt`: the chat format (system prompt, date string) the model was trained with."""
+    `fmt`: the chat format (system prompt, date string) the model was trained with; `eot_mask_quirk`:
+    its attention-mask convention, None for the model's record (`npo_jax.mask_convention`)."""
     from npo_jax.data.tokenize import ChatFormat, load_tokenizer
     from npo_jax.dtypes import dtype
     from npo_jax.eval.lm import LoadedLM
@@ -25,6 +27,7 @@ def load_scorer(model_path, tokenizer_path=None, *, compute_dtype="float32", bat
     model_path = Path(model_path)
     if not (model_path / "config.json").is_file():
         raise NpoJaxError(f"{model_path}: no config.json (expected an HF model folder or an npo-jax checkpoint)")
+    eot_mask_quirk = resolve_eot_mask(eot_mask_quirk, model_path)
     tokenizer = load_tokenizer(tokenizer_path or model_path)
     loaded = load_model(model_path)
     graphdef, _ = split_params(abstract_model(loaded.config, compute_dtype=dtype(compute_dtype, "compute dtype")))
@@ -42,7 +45,8 @@ def check_numbers(args) -> None:
 
 def apply_run_folder(args) -> None:
     """Fill MODEL, data and output settings from a training run's folder and resolved config:
-    every data setting the run trained with (splits, chat format, eot mask)."""
+    every data setting the run trained with (splits, chat format, and the mask its config.yaml
+    names when the model has no record of its own: runs from before the record)."""
     from npo_jax.data.tokenize import ChatFormat
     from npo_jax.fs import cache_dir
     from npo_jax.run_config import load_run_config
@@ -55,7 +59,8 @@ def apply_run_folder(args) -> None:
     args.data_dir = args.data_dir or cfg.data.dir
     args.tfds_dir = args.tfds_dir or cfg.data.tfds_dir or str(cache_dir(cfg.cache_dir) / "tfds")
     args.forget_split = args.forget_split or cfg.data.forget_split
-    args.eot_mask_quirk = args.eot_mask_quirk or cfg.data.eot_mask_quirk
+    if args.eot_mask_quirk is None and recorded_mask(args.model) is None:
+        args.eot_mask_quirk = cfg.data.eot_mask_quirk
     args.fmt = ChatFormat(cfg.data.system_prompt, cfg.data.date_string)
     args.out = args.out or str(run / "eval")
 
@@ -76,7 +81,9 @@ def run_eval(args) -> dict:
         per_item = per_item_values(log)
         if not per_item:
             raise NpoJaxError(f"{args.from_log}: no per-item values (value_by_index) to re-score")
-        eval_log = aggregate(per_item, retain_log)
+        quirk = log_mask(log)  # the convention the re-scored log was computed with
+        check_retain_log(quirk, retain_log)
+        eval_log = mark_log(aggregate(per_item, retain_log), quirk)
     else:
         if not args.model:
             raise NpoJaxError("eval: give a MODEL folder or --from-log")

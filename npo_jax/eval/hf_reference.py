@@ -138,6 +138,7 @@ class TorchScorer:
         self.model, self.tokenizer = model, tokenizer
         self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
         self.eos_ids = sorted(set(eos_ids or []) | {tokenizer.eos_token_id})
+        self.eot_mask_quirk = False  # transformers' own masks: padding only
 
     def score_and_generate(self, pairs, questions, progress=None, timings=None):
         """`score_answers(pairs)`, then `generate_answers(questions)`, each timed."""

@@ -24,6 +24,9 @@ class Scored:
 
 @runtime_checkable
 class SuiteScorer(Protocol):
+    # the attention-mask convention its scores use: open-unlearning's (True) or padding only (False)
+    eot_mask_quirk: bool
+
     def score_and_generate(self, pairs: Sequence[tuple[str, str]], questions: Sequence[str], progress=None,
                            timings: dict[str, float] | None = None) -> tuple[list[Scored], list[str]]:
         """Per (question, answer) pair its `Scored` (teacher forced, in the chat format), and per

@@ -58,6 +58,10 @@ class Scorer:
     def fmt(self) -> ChatFormat:
         return self.lm.fmt
 
+    @property
+    def eot_mask_quirk(self) -> bool:
+        return self.lm.eot_mask_quirk
+
     def with_params(self, params) -> Scorer:
         """The same scorer on other weights of the same model."""
         return dataclasses.replace(self, lm=self.lm.with_params(params))

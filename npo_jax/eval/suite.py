@@ -20,6 +20,7 @@ from npo_jax.eval import metrics as m
 from npo_jax.eval.aggregate import aggregate, summary
 from npo_jax.eval.protocol import SuiteScorer
 from npo_jax.fs import atomic_output_dir
+from npo_jax.mask_convention import check_retain_log, mark_log
 
 ROUGE_TYPES = ("rouge1", "rougeL")
 
@@ -123,7 +124,10 @@ class Suite:
         return out
 
     def run(self, retain_log: dict | None = None) -> dict:
-        return aggregate(self.per_item(), retain_log)
+        """The TOFU_EVAL.json dict, with the mask convention the model was scored with (a retain log
+        of the other convention is warned about before the scoring starts)."""
+        check_retain_log(self.scorer.eot_mask_quirk, retain_log)
+        return mark_log(aggregate(self.per_item(), retain_log), self.scorer.eot_mask_quirk)
 
 
 # what `npo-jax eval` writes: with --overwrite, only a folder holding nothing else is replaced
