@@ -55,9 +55,9 @@ class Placed(NamedTuple):
     step: CompiledStep
 
 
-def loss_grouping(shards: int, per_device_batch: int, loss_group: int | None) -> tuple[int, int]:
+def loss_grouping(shards: int, per_device_batch: int, loss_group: int) -> tuple[int, int]:
     """(units per micro-batch, span) for `shards` data-parallel shards of `per_device_batch` rows
-    and loss groups of `loss_group` examples (None: per_device_batch)."""
+    and loss groups of `loss_group` examples (0: per_device_batch)."""
     g = loss_group or per_device_batch
     if per_device_batch % g == 0:
         return shards * (per_device_batch // g), 1

@@ -83,8 +83,8 @@ class OptimConfig:
     per_device_batch: int = 4
     # examples per loss group (open-unlearning's per_device_train_batch_size): token means are taken
     # per group, the step's loss is the mean over groups, whatever the devices and accumulation;
-    # None: per_device_batch. It must divide per_device_batch or be a multiple of it.
-    loss_group: int | None = None
+    # 0: per_device_batch. It must divide per_device_batch or be a multiple of it.
+    loss_group: int = 0
     # drop: each epoch is len // effective_batch steps of its own order, the rest unused; stream:
     # the epochs' orders as one stream cut into steps, as HF Trainer runs them (docs/conventions.md)
     epoch_mode: Literal["drop", "stream"] = "drop"
@@ -155,6 +155,7 @@ RANGES = {
     "optim.eps": ({0}, None),
     "optim.effective_batch": (1, None),
     "optim.per_device_batch": (1, None),
+    "optim.loss_group": (0, None),
     "optim.skip_nonfinite": (0, None),
     "parallel.fsdp": (1, None),
     "parallel.tensor": (1, None),
@@ -188,9 +189,8 @@ def check_range(name: str, value, lo, hi, prefix: str = "config: ") -> None:
 
 def _check_loss_group(o: OptimConfig, where: str) -> None:
     """optim.loss_group against the batch sizes (the device count is checked by the placement)."""
-    if o.loss_group is None:
+    if not o.loss_group:
         return
-    check_range("optim.loss_group", o.loss_group, 1, None, f"{where}: ")
     g, b = o.loss_group, o.per_device_batch
     if b % g and g % b:
         raise NpoJaxError(f"{where}: optim.loss_group={g} and optim.per_device_batch={b}: one must divide the other")

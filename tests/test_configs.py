@@ -73,4 +73,4 @@ def test_tofu_configs_run_as_open_unlearning(path):
     if "unlearn" in path.parts:
         assert cfg.data.retain_pairing == "fresh"
     default = load_run_config(None, ["output_dir=o", "model.path=m"])
-    assert (default.optim.loss_group, default.optim.epoch_mode, default.data.retain_pairing) == (None, "drop", "fixed")
+    assert (default.optim.loss_group, default.optim.epoch_mode, default.data.retain_pairing) == (0, "drop", "fixed")

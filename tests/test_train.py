@@ -97,6 +97,23 @@ def test_loss_group_gives_the_same_trajectory_on_any_topology(mini, tmp_path):
     assert not np.allclose(_losses(tmp_path / "ungrouped"), reference, rtol=1e-4)
 
 
+def test_loss_groups_smaller_than_a_device_batch(mini, tmp_path):
+    """loss_group 1 (a token mean per example): per_device_batch 2 puts two groups on each device
+    (pmap: two units per device; sharded: 16 in the micro-batch), the same as one example at a time."""
+    common = ["optim.effective_batch=16", "optim.loss_group=1"]
+    runs = {"one_device": ["parallel.data=1", "optim.per_device_batch=1"],
+            "pmap8": ["parallel.strategy=pmap", "optim.per_device_batch=2"],
+            "data8": ["parallel.data=8", "optim.per_device_batch=2"]}
+    losses = {}
+    for name, extra in runs.items():
+        trainer = _train(mini, tmp_path / name, *common, *extra, max_steps=2)
+        losses[name] = _losses(tmp_path / name)
+        assert trainer.placement.span == 1
+    assert trainer.placement.units == 16
+    for name in runs:
+        np.testing.assert_allclose(losses[name], losses["one_device"], rtol=1e-4, err_msg=name)
+
+
 def test_loss_group_must_divide_or_be_a_multiple_of_per_device_batch(mini, tmp_path):
     with pytest.raises(NpoJaxError, match="optim.loss_group=3 and optim.per_device_batch=2"):
         load_run_config(None, _overrides(mini, tmp_path, "optim.loss_group=3", "optim.per_device_batch=2"))
