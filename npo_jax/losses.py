@@ -1,10 +1,22 @@
 """Unlearning and fine-tuning objectives with open-unlearning's definitions.
 
-A step's examples are grouped into *units* of `per_device_batch` consecutive examples (what one
-device sees in one micro-batch). Each unit's loss follows open-unlearning exactly (NPO: mean over
-the unit's sequences; NLL: HF's token mean over the unit; KL: `batchmean` over the unit's
-positions), and a step's loss is the mean over its units: HF Trainer's average over
-micro-batches and devices, whatever the split of units over devices and accumulation.
+A step's examples are grouped into *loss groups* of `optim.loss_group` consecutive examples
+(open-unlearning's device micro-batch, `per_device_train_batch_size`). Each group's loss follows
+open-unlearning exactly (NPO: mean over the group's sequences; NLL: HF's token mean over the
+group; KL: `batchmean` over the group's positions), and a step's loss is the mean over its
+groups: HF Trainer's average over micro-batches and devices, whatever the split of the step
+over devices and accumulation here.
+
+`objective_loss` sees one micro-batch as `units` consecutive units of equal size and returns one
+loss per unit; the caller averages the units of all micro-batches and devices. Two layouts:
+- `span` 1: each unit is one whole loss group (the group divides `per_device_batch`).
+- `span` s > 1: a group spans s units (s devices' rows, or s accumulation micro-batches). Only
+  the token-mean NLL terms mix rows across a group; they then use the group's labelled-token
+  count, computed on the host from the labels (`group_tokens`, one value per row), so a unit's
+  NLL is `s * sum(NLL_row / group_tokens_row)`: linear in the rows, so averaging the units over
+  micro-batches and devices gives exactly the mean over groups of each group's token mean, and
+  its gradient. The per-sequence terms (NPO, SimNPO) and `batchmean` KL (every row padded to
+  the step's length) are means over rows, the same whatever the grouping.
 
 Sequence NLL is the sum (not mean) of token cross-entropy over labelled positions.
 - NPO:     forget = -(2/beta) * mean log sigmoid(-beta * (log p(y|x) - log p_ref(y|x)))
@@ -67,9 +79,12 @@ def _units(x, units: int):
     return x.reshape(units, -1, *x.shape[1:])
 
 
-def _token_mean_nll(logp_sum, n_tokens, units):
-    """HF's causal-LM loss per unit: summed token NLL over the unit / its labelled tokens."""
-    return -_units(logp_sum, units).sum(1) / jnp.maximum(_units(n_tokens, units).sum(1), 1)
+def _token_mean_nll(logp_sum, n_tokens, units, span=1, group_tokens=None):
+    """HF's causal-LM loss per unit: summed token NLL over the unit / its labelled tokens; with
+    `span` > 1, the unit's share of its group's token mean, times `span` (see the module doc)."""
+    if span == 1:
+        return -_units(logp_sum, units).sum(1) / jnp.maximum(_units(n_tokens, units).sum(1), 1)
+    return -span * _units(logp_sum / jnp.maximum(group_tokens, 1), units).sum(1)
 
 
 def _positions(groups):
@@ -79,13 +94,14 @@ def _positions(groups):
     return None
 
 
-def objective_loss(model, ref_model, batch: dict, obj: Objective, units: int):
+def objective_loss(model, ref_model, batch: dict, obj: Objective, units: int, span: int = 1):
     """Per-unit losses (units,) and a dict of per-unit terms, for one micro-batch.
 
     `batch` holds (n, L) `input_ids`, `labels`, `attention_mask` (and optionally (n, W)
     `label_positions`, the LM head then runs on those rows only) under "forget" and, for methods
     with a retain term, "retain"; cached NPO also has "forget_ref_logp" (n,). For "finetune" the
-    training examples are under "forget".
+    training examples are under "forget". With `span` > 1 (a loss group spans `span` units) each
+    group also has (n,) `group_tokens`: the labelled-token count of the row's loss group.
     """
     forget = batch["forget"]
     groups = [forget] + ([batch["retain"]] if obj.uses_retain else [])
@@ -101,7 +117,7 @@ def objective_loss(model, ref_model, batch: dict, obj: Objective, units: int):
     logp, n_tok = lp[:n], nt[:n]
     aux = {}
     if obj.method in ("finetune", "GradAscent", "GradDiff"):
-        nll = _token_mean_nll(logp, n_tok, units)
+        nll = _token_mean_nll(logp, n_tok, units, span, forget.get("group_tokens"))
         forget_loss = nll if obj.method == "finetune" else -nll
     elif obj.method == "NPO":
         if obj.reference == "cached":
@@ -125,7 +141,7 @@ def objective_loss(model, ref_model, batch: dict, obj: Objective, units: int):
 
     retain = batch["retain"]
     if obj.retain_loss == "NLL":
-        retain_loss = _token_mean_nll(lp[n:], nt[n:], units)
+        retain_loss = _token_mean_nll(lp[n:], nt[n:], units, span, retain.get("group_tokens"))
     else:
         ref_h = train_hidden(ref_model, retain["input_ids"], retain["attention_mask"])
         kl = kl_to_reference(model.logits, h_retain, ref_model.logits, jax.lax.stop_gradient(ref_h))

@@ -1,17 +1,23 @@
 """Where the train state and the batches live: one interface, a sharded and a pmap implementation.
 
 A `Placement` owns the layout of a run (the effective batch as units per micro-batch x
-accumulation steps, and the mesh), puts params, optimizer state and a live reference on the
-devices, compiles the step, says which rows of a micro-batch this host feeds and places them,
-and gives the host view and the abstract (restore target) of the state. The trainer and its
-checkpoints talk to this interface only, so neither has a branch per strategy; a new layout
-is a subclass and a case in `make_placement`.
+accumulation steps, how the loss groups of `optim.loss_group` examples lie on them, and the
+mesh), puts params, optimizer state and a live reference on the devices, compiles the step, says
+which rows of a micro-batch this host feeds and places them, and gives the host view and the
+abstract (restore target) of the state. The trainer and its checkpoints talk to this interface
+only, so neither has a branch per strategy; a new layout is a subclass and a case in `make_placement`.
 
 - `ShardedPlacement`: `jit` over a `Mesh` ("data", "fsdp", "tensor"); params and optimizer
   state follow the partition rules (`npo_jax.sharding`), batch rows are split over data x fsdp,
   and each host builds only the rows its devices hold.
-- `PmapPlacement`: the state replicated on every local device, each device one unit of each
-  micro-batch, gradients averaged with `pmean`.
+- `PmapPlacement`: the state replicated on every local device, each device `per_device_batch`
+  rows of each micro-batch, gradients averaged with `pmean`.
+
+Loss groups (`npo_jax.losses`): a group of g = `optim.loss_group` consecutive examples of the
+step (default `per_device_batch`). When g divides `per_device_batch`, every device's rows hold
+whole groups: the units are the groups (`span` 1). When `per_device_batch` divides g, a group
+spans g / per_device_batch devices or accumulation micro-batches: the units are the devices'
+rows and `span` says how many make a group. Any other pair is an error.
 """
 
 from __future__ import annotations
@@ -49,20 +55,39 @@ class Placed(NamedTuple):
     step: CompiledStep
 
 
+def loss_grouping(shards: int, per_device_batch: int, loss_group: int) -> tuple[int, int]:
+    """(units per micro-batch, span) for `shards` data-parallel shards of `per_device_batch` rows
+    and loss groups of `loss_group` examples (0: per_device_batch)."""
+    g = loss_group or per_device_batch
+    if per_device_batch % g == 0:
+        return shards * (per_device_batch // g), 1
+    if g % per_device_batch == 0:
+        return shards, g // per_device_batch
+    raise NpoJaxError(f"config optim: loss_group {g} and per_device_batch {per_device_batch}: one must divide the "
+                      "other (a device's rows hold whole loss groups, or a loss group spans whole device batches)")
+
+
 class Placement(abc.ABC):
-    """How the effective batch maps onto devices: `units` per micro-batch x `accum` steps."""
+    """How the effective batch maps onto devices: `shards` x `per_device_batch` rows per
+    micro-batch, `accum` micro-batches; the loss groups as `units` per micro-batch and `span`."""
 
     strategy: str
 
-    def __init__(self, units: int, effective_batch: int, per_device_batch: int):
+    def __init__(self, shards: int, optim):
         self.n_devices = jax.device_count()
-        self.units = units  # data-parallel shards: one unit (per_device_batch examples) each per micro-batch
-        per_step = per_device_batch * units
+        self.shards = shards  # data-parallel shards: per_device_batch rows each per micro-batch
+        effective_batch, per_device_batch = optim.effective_batch, optim.per_device_batch
+        per_step = per_device_batch * shards
         if effective_batch % per_step:
             raise NpoJaxError(f"config optim: effective_batch {effective_batch} is not a multiple of "
-                              f"per_device_batch {per_device_batch} x {units} data-parallel devices")
+                              f"per_device_batch {per_device_batch} x {shards} data-parallel devices")
         self.accum = effective_batch // per_step
         self.rows = effective_batch // self.accum  # rows of one micro-batch, all hosts together
+        self.loss_group = optim.loss_group or per_device_batch
+        if effective_batch % self.loss_group:
+            raise NpoJaxError(f"config optim: effective_batch {effective_batch} is not a multiple of "
+                              f"loss_group {self.loss_group}")
+        self.units, self.span = loss_grouping(shards, per_device_batch, optim.loss_group)
 
     @abc.abstractmethod
     def param_shardings(self, config) -> dict | None:
@@ -103,7 +128,7 @@ class ShardedPlacement(Placement):
             self.mesh = make_mesh(data, p.fsdp, p.tensor)
         except ValueError as e:
             raise NpoJaxError(f"config parallel: {e}") from None
-        super().__init__(data * p.fsdp, cfg.optim.effective_batch, cfg.optim.per_device_batch)
+        super().__init__(data * p.fsdp, cfg.optim)
 
     def param_shardings(self, config) -> dict:
         return param_shardings(config, self.mesh)
@@ -115,7 +140,7 @@ class ShardedPlacement(Placement):
         live = obj.needs_live_reference
         ref_params = jax.tree.map(jnp.copy, params) if live else None
         step = make_sharded_step(graphdef, obj, tx, schedule, self.mesh, shardings, self.units,
-                                 p_shardings if live else None)
+                                 p_shardings if live else None, span=self.span)
         return Placed(state, ref_params, CompiledStep(step))
 
     def local_rows(self, n: int) -> np.ndarray:
@@ -146,7 +171,7 @@ class PmapPlacement(Placement):
     strategy = "pmap"
 
     def __init__(self, cfg: RunConfig):
-        super().__init__(jax.device_count(), cfg.optim.effective_batch, cfg.optim.per_device_batch)
+        super().__init__(jax.device_count(), cfg.optim)
 
     def param_shardings(self, config) -> None:
         return None
@@ -156,7 +181,9 @@ class PmapPlacement(Placement):
         host = jax.device_get(params)
         state = replicate(init_state(host, tx), devices)
         ref_params = replicate(host, devices) if obj.needs_live_reference else None
-        return Placed(state, ref_params, CompiledStep(make_pmap_step(graphdef, obj, tx, schedule)))
+        units = self.units // self.shards  # per device
+        step = make_pmap_step(graphdef, obj, tx, schedule, units=units, span=self.span)
+        return Placed(state, ref_params, CompiledStep(step))
 
     def local_rows(self, n: int) -> np.ndarray:
         if jax.process_count() == 1:

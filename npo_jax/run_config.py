@@ -47,6 +47,9 @@ class DataConfig:
     forget_split: Literal[FORGET_SPLITS] = "forget10"
     retain_split: Literal[RETAIN_SPLITS] = "retain90"
     finetune_split: Literal[QA_SPLITS] = "full"  # what `npo-jax finetune` trains on
+    # fixed: each forget item has one retain partner for the whole run; fresh: a new one each time
+    # the item is used (each epoch), as open-unlearning's ForgetRetainDataset draws (docs/conventions.md)
+    retain_pairing: Literal["fixed", "fresh"] = "fixed"
     max_length: int = 512
     length_buckets: list[int] = field(default_factory=lambda: [128, 256, 512])
     system_prompt: str = "You are a helpful assistant."
@@ -80,6 +83,13 @@ class OptimConfig:
     eps: float = 1e-8
     effective_batch: int = 32  # per_device_batch x grad_accum x data-parallel devices
     per_device_batch: int = 4
+    # examples per loss group (open-unlearning's per_device_train_batch_size): token means are taken
+    # per group, the step's loss is the mean over groups, whatever the devices and accumulation;
+    # 0: per_device_batch. It must divide per_device_batch or be a multiple of it.
+    loss_group: int = 0
+    # drop: each epoch is len // effective_batch steps of its own order, the rest unused; stream:
+    # the epochs' orders as one stream cut into steps, as HF Trainer runs them (docs/conventions.md)
+    epoch_mode: Literal["drop", "stream"] = "drop"
     # 0: a NaN/inf loss or gradient stops the run (the last checkpoint is kept); N > 0: such an
     # update is skipped (params and optimizer state unchanged, counted in metrics), and the run
     # stops only after more than N in a row
@@ -147,6 +157,7 @@ RANGES = {
     "optim.eps": ({0}, None),
     "optim.effective_batch": (1, None),
     "optim.per_device_batch": (1, None),
+    "optim.loss_group": (0, None),
     "optim.skip_nonfinite": (0, None),
     "parallel.fsdp": (1, None),
     "parallel.tensor": (1, None),
@@ -178,10 +189,23 @@ def check_range(name: str, value, lo, hi, prefix: str = "config: ") -> None:
         raise NpoJaxError(f"{prefix}{name}={value} is out of range: it must be {range_text(lo, hi)}")
 
 
+def _check_loss_group(o: OptimConfig, where: str) -> None:
+    """optim.loss_group against the batch sizes (the device count is checked by the placement)."""
+    if not o.loss_group:
+        return
+    g, b = o.loss_group, o.per_device_batch
+    if b % g and g % b:
+        raise NpoJaxError(f"{where}: optim.loss_group={g} and optim.per_device_batch={b}: one must divide the other")
+    if o.effective_batch % g:
+        raise NpoJaxError(f"{where}: optim.effective_batch={o.effective_batch} is not a multiple of "
+                          f"optim.loss_group={g}")
+
+
 def _check_values(cfg: RunConfig, where: str) -> None:
     for key, (lo, hi) in RANGES.items():
         section, _, name = key.rpartition(".")
         check_range(key, getattr(getattr(cfg, section) if section else cfg, name), lo, hi, f"{where}: ")
+    _check_loss_group(cfg.optim, where)
     if cfg.parallel.data != -1 and cfg.parallel.data < 1:
         raise NpoJaxError(f"{where}: parallel.data={cfg.parallel.data} is out of range: it must be -1 (all devices "
                           "not used by fsdp x tensor) or >= 1")

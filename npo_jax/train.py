@@ -138,7 +138,8 @@ class Trainer:
         cache = cache_dir(cfg.cache_dir)
         self.data = load_train_data(cfg, mode, self.objective.uses_retain, cache)
         self.graphdef, config, self.side_files_dir, params = _load_model(cfg, self.placement)
-        self.plan = StepPlan(len(self.data.examples), cfg.optim.effective_batch, cfg.optim.epochs, cfg.seed)
+        self.plan = StepPlan(len(self.data.examples), cfg.optim.effective_batch, cfg.optim.epochs, cfg.seed,
+                             cfg.optim.epoch_mode)
         self.total_steps = self.plan.total_steps if max_steps is None else min(max_steps, self.plan.total_steps)
         tx, schedule = _optimizer(cfg, params, self.plan)
         ckpt_dir = (self.out / "checkpoints").absolute()
@@ -155,13 +156,19 @@ class Trainer:
         self.start_step = 0
         if resume and (latest := self.checkpoints.latest_step()) is not None:
             state, self.start_step = self.checkpoints.restore(
-                latest, self.placement.abstract_state(self.state), total_steps=self.plan.total_steps, seed=cfg.seed)
+                latest, self.placement.abstract_state(self.state), total_steps=self.plan.total_steps, seed=cfg.seed,
+                data_order=self.data_order)
             self.state = self.placement.place_restored(state)
+
+    @property
+    def data_order(self) -> dict:
+        """What, besides the seed and step count, decides each step's examples (saved and checked)."""
+        return {"epoch_mode": self.plan.mode, "retain_pairing": self.cfg.data.retain_pairing}
 
     def save(self, step: int) -> None:
         """Start an async save of `step` (after the previous one is complete and checksummed)."""
         meta = {"step": step, "data_position": step, "total_steps": self.plan.total_steps, "seed": self.cfg.seed,
-                "mode": self.mode, "strategy": self.placement.strategy}
+                "mode": self.mode, "strategy": self.placement.strategy, "data_order": self.data_order}
         self.checkpoints.save(step, self.placement.host_state(self.state), meta)
 
     def _preempt(self, step: int, signum: int | None) -> None:
@@ -181,10 +188,11 @@ class Trainer:
         # the training examples are step_batch's "forget" group in either mode: the key the step reads
         host = step_batch(self.plan, step, data.examples, buckets=cfg.data.length_buckets, pad_id=data.pad_id,
                           eot_id=data.eot_id, eot_mask_quirk=cfg.data.eot_mask_quirk, retain=data.retain,
-                          pairing=data.pairing, ref_logp=self.ref_logp, rows=rows)
+                          pairing=data.pairing, ref_logp=self.ref_logp, rows=rows,
+                          loss_group=self.placement.loss_group if self.placement.span > 1 else None)
         host.pop("forget_index")
         host = jax.tree.map(lambda x: x.reshape(accum, len(local), *x.shape[1:]), host)
-        return host, data.step_tokens(self.plan.indices(step))
+        return host, data.step_tokens(*self.plan.positions(step))
 
     def _hooks(self, signals: StopSignals, primary: bool) -> list[Hook]:
         hooks = []
@@ -211,7 +219,7 @@ class Trainer:
             dt = time.perf_counter() - t0
             skipped = _check_finite(step + 1, metrics, self.state["opt_state"], self.cfg.optim.skip_nonfinite,
                                     self.checkpoints.last_saved)
-            record = {"step": step + 1, "epoch": step // self.plan.steps_per_epoch, **metrics,
+            record = {"step": step + 1, "epoch": self.plan.epoch(step), **metrics,
                       "tokens": tokens, "tokens_per_s": tokens / dt, "step_time_s": dt}
             if skipped is not None:
                 record["skipped_nonfinite"] = skipped
@@ -254,6 +262,7 @@ class Trainer:
                         overwrite=True, progress=self.progress)
         info = {"steps": self.total_steps, "steps_per_epoch": self.plan.steps_per_epoch,
                 "accumulation": self.placement.accum, "units_per_micro_batch": self.placement.units,
+                "loss_group": self.placement.loss_group,
                 "truncated": self.data.truncated, "last": last}
         if primary:
             (self.out / "run_info.json").write_text(json.dumps(info, indent=2) + "\n")

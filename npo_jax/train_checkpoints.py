@@ -26,6 +26,15 @@ from npo_jax.fs import checksum_tree, write_checksums
 _TENSORSTORE_SPEC = re.compile(r"\s*\[tensorstore_spec='[^']*'\]")
 
 
+# what a checkpoint without a "data_order" record was saved with (the defaults before it existed)
+DEFAULT_DATA_ORDER = {"epoch_mode": "drop", "retain_pairing": "fixed"}
+
+
+def _order_text(order: dict) -> str:
+    return (f"optim.epoch_mode={order.get('epoch_mode')}, "
+            f"data.retain_pairing={order.get('retain_pairing')}")
+
+
 def _first_line(e: BaseException, head: int = 150, tail: int = 350) -> str:
     """The error's first line without tensorstore's spec dump, its middle elided if long.
 
@@ -94,9 +103,11 @@ class TrainCheckpoints:
                 else "no earlier checkpoint was written")
         return f"{self.dir}: saving the checkpoint of step {step} failed{hint}: {_first_line(e)}; {kept}"
 
-    def restore(self, step: int, abstract_state: dict, *, total_steps: int, seed: int) -> tuple[dict, int]:
+    def restore(self, step: int, abstract_state: dict, *, total_steps: int, seed: int,
+                data_order: dict | None = None) -> tuple[dict, int]:
         """The state saved at `step` (laid out as `abstract_state`) and its data position, once its
-        checksums verify and it comes from a run of `total_steps` steps with `seed`."""
+        checksums verify and it comes from a run of `total_steps` steps with `seed` (and, if
+        given, the same `data_order`; a checkpoint without one was saved with the defaults)."""
         step_dir = self.dir / str(step)
         failed = None
         if distributed.is_primary():  # one host reads the files; all learn the verdict
@@ -118,6 +129,10 @@ class TrainCheckpoints:
             raise NpoJaxError(f"{step_dir}: saved by a run of {meta['total_steps']} steps with seed {meta['seed']}; "
                               f"this config makes {total_steps} steps with seed {seed} (the "
                               f"data order would differ: keep optim.effective_batch, optim.epochs, seed and the data)")
+        saved_order = meta.get("data_order", DEFAULT_DATA_ORDER)
+        if data_order is not None and saved_order != data_order:
+            raise NpoJaxError(f"{step_dir}: saved by a run with {_order_text(saved_order)}; this config has "
+                              f"{_order_text(data_order)} (the data order would differ)")
         position = int(meta["data_position"])
         self.last_saved = self.last_complete = position
         return restored[STATE_ITEM], position

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from npo_jax import distributed
-from npo_jax.data.batches import retain_pairing
+from npo_jax.data.batches import RetainPairing
 from npo_jax.data.tofu import load_split
 from npo_jax.data.tokenize import ChatFormat, Example, encode_qa_pairs, load_tokenizer, pad_token_id
 from npo_jax.reference import cache_key, cached_reference_logprobs, reference_logprobs
@@ -26,16 +26,16 @@ from npo_jax.run_config import RunConfig
 class TrainData:
     examples: list[Example]  # the forget split (unlearn) or the fine-tuning split (finetune)
     retain: list[Example] | None  # the retain split, for objectives with a retain term
-    pairing: np.ndarray | None  # the retain partner of each example
+    pairing: RetainPairing | None  # the retain partner of each example (in each epoch)
     pad_id: int
     eot_id: int
     truncated: dict[str, int]  # split -> examples cut to data.max_length
 
-    def step_tokens(self, indices: np.ndarray) -> int:
-        """Non-padding tokens of the step that uses `indices` (with their retain partners)."""
+    def step_tokens(self, epochs: np.ndarray, indices: np.ndarray) -> int:
+        """Non-padding tokens of the step that uses `indices` in `epochs` (with their retain partners)."""
         tokens = sum(len(self.examples[i].input_ids) for i in indices)
         if self.retain is not None:
-            tokens += sum(len(self.retain[j].input_ids) for j in self.pairing[indices])
+            tokens += sum(len(self.retain[j].input_ids) for j in self.pairing.partners(indices, epochs))
         return tokens
 
 
@@ -59,7 +59,7 @@ def load_train_data(cfg: RunConfig, mode: str, with_retain: bool, cache: Path) -
     retain = pairing = None
     if with_retain:
         retain, truncated[cfg.data.retain_split] = tokenized(cfg.data.retain_split)
-        pairing = retain_pairing(len(examples), len(retain), cfg.seed)
+        pairing = RetainPairing(len(examples), len(retain), cfg.seed, cfg.data.retain_pairing)
     return TrainData(examples, retain, pairing, pad_token_id(tokenizer), tokenizer.eos_token_id, truncated)
 
 

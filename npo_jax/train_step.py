@@ -2,8 +2,9 @@
 
 Both strategies share `accumulated_grads`: value-and-grad of the objective for each
 micro-batch, summed under a `lax.scan` over micro-batches and divided by their number. The step
-batch has leaves (accum, n, ...) where n = units per micro-batch x per_device_batch; under pmap a
-leading device axis is added and each device's micro-batch is one unit.
+batch has leaves (accum, n, ...) where n = units per micro-batch x rows per unit; under pmap a
+leading device axis is added and each device's micro-batch holds `units` units. A unit is a
+loss group, or with `span` > 1 a part of one (`npo_jax.losses`).
 
 The train state is a plain dict {"params", "opt_state", "step"} that Orbax saves as is.
 """
@@ -22,13 +23,13 @@ from npo_jax.model import merge_params
 BATCH_AXES = ("data", "fsdp")
 
 
-def accumulated_grads(graphdef, obj: Objective, params, ref_params, batch, units: int):
+def accumulated_grads(graphdef, obj: Objective, params, ref_params, batch, units: int, span: int = 1):
     """Mean loss, aux terms and gradients over the micro-batches of `batch` (leading axis)."""
 
     def loss_fn(p, micro):
         model = merge_params(graphdef, p)
         ref_model = merge_params(graphdef, ref_params) if ref_params is not None else None
-        unit_losses, aux = objective_loss(model, ref_model, micro, obj, units)
+        unit_losses, aux = objective_loss(model, ref_model, micro, obj, units, span)
         return unit_losses.mean(), {k: v.mean() for k, v in aux.items()}
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -74,11 +75,11 @@ def batch_shardings(batch, mesh) -> dict:
 
 
 def make_sharded_step(graphdef, obj: Objective, tx, schedule, mesh, state_shardings, units: int,
-                      ref_shardings=None):
+                      ref_shardings=None, span: int = 1):
     """step(state, ref_params, batch) -> (state, metrics), jit over `mesh`, state donated."""
 
     def step(state, ref_params, batch):
-        loss, aux, grads = accumulated_grads(graphdef, obj, state["params"], ref_params, batch, units)
+        loss, aux, grads = accumulated_grads(graphdef, obj, state["params"], ref_params, batch, units, span)
         return _apply(state, grads, loss, aux, tx, schedule)
 
     replicated = NamedSharding(mesh, PartitionSpec())
@@ -113,11 +114,11 @@ class CompiledStep:
         return exe(state, ref_params, batch)
 
 
-def make_pmap_step(graphdef, obj: Objective, tx, schedule, axis_name: str = "data"):
+def make_pmap_step(graphdef, obj: Objective, tx, schedule, axis_name: str = "data", units: int = 1, span: int = 1):
     """step(state, ref_params, batch) -> (state, metrics) under pmap; all replicated, batch per device."""
 
     def step(state, ref_params, batch):
-        loss, aux, grads = accumulated_grads(graphdef, obj, state["params"], ref_params, batch, units=1)
+        loss, aux, grads = accumulated_grads(graphdef, obj, state["params"], ref_params, batch, units, span)
         grads = jax.lax.pmean(grads, axis_name)
         loss, aux = jax.lax.pmean((loss, aux), axis_name)
         return _apply(state, grads, loss, aux, tx, schedule)

@@ -53,3 +53,24 @@ def test_eval_run_folder_forget_split(tmp_path, given, used):
                                       *(["--forget-split", given] if given else [])])
     apply_run_folder(args)
     assert args.forget_split == used
+
+
+@pytest.mark.parametrize(("name", "lr", "alpha", "epochs"), [("tofu_llama3.2_1b_npo.yaml", 5e-5, 1.0, 10),
+                                                             ("tofu_llama3.1_8b_npo.yaml", 5e-5, 2.0, 5)])
+def test_seed_sibling_recipes(name, lr, alpha, epochs):
+    """The audit's rank-1 1B and 8B NPO recipes, beside the seed's."""
+    cfg = load_run_config(ROOT / "unlearn" / name)
+    assert (cfg.method.name, cfg.method.alpha, cfg.method.beta) == ("NPO", alpha, 0.1)
+    assert (cfg.optim.lr, cfg.optim.epochs, cfg.optim.warmup_epochs) == (lr, epochs, 1.0)
+
+
+@pytest.mark.parametrize("path", RUN_CONFIGS, ids=lambda p: p.name)
+def test_tofu_configs_run_as_open_unlearning(path):
+    """Loss groups of 4, HF Trainer's epochs and (unlearning) a fresh retain partner each epoch;
+    the schema's defaults keep the earlier behaviour."""
+    cfg = load_run_config(path)
+    assert (cfg.optim.loss_group, cfg.optim.epoch_mode) == (4, "stream")
+    if "unlearn" in path.parts:
+        assert cfg.data.retain_pairing == "fresh"
+    default = load_run_config(None, ["output_dir=o", "model.path=m"])
+    assert (default.optim.loss_group, default.optim.epoch_mode, default.data.retain_pairing) == (0, "drop", "fixed")

@@ -13,7 +13,10 @@ from conftest import LLAMA3_DIR, SHARED, require_shared
 from tofu_fixture import qa_rows, write_split
 
 from npo_jax.data.batches import (
+    RetainPairing,
     StepPlan,
+    epoch_order,
+    group_tokens,
     label_width,
     length_sorted_batches,
     pad_examples,
@@ -158,6 +161,84 @@ def test_pairing_and_epoch_plan():
     epoch0 = np.concatenate([plan.indices(s) for s in range(12)])
     assert len(set(epoch0.tolist())) == 384  # no repeats within an epoch; 16 left for other epochs
     assert not np.array_equal(plan.indices(0), plan.indices(12))
+
+
+def _hf_445_updates(n: int, micro: int, accum: int, epochs: int) -> list[list[tuple[int, int]]]:
+    """The (epoch, position in the epoch's order) of each item of each optimizer update, as HF
+    Trainer 4.45's `_inner_training_loop` runs them (open-unlearning pins 4.45.1): micro-batches of
+    `micro` items (the last one of an epoch short unless `micro` divides n), max_steps = epochs x
+    (len(dataloader) // accum), an update when `total_batched_samples % accum == 0` (the counter
+    runs on across epochs) or at the end of an epoch shorter than `accum` micro-batches."""
+    batches = -(-n // micro)
+    max_steps, updates, pending, total = epochs * max(batches // accum, 1), [], [], 0
+    for epoch in range(epochs):
+        for step in range(batches):
+            total += 1
+            pending += [(epoch, k) for k in range(step * micro, min((step + 1) * micro, n))]
+            if total % accum == 0 or (batches <= accum and step + 1 == batches):
+                updates.append(pending)
+                pending = []
+                if len(updates) == max_steps:
+                    return updates
+    return updates
+
+
+@pytest.mark.parametrize(("n", "micro", "accum", "epochs"), [(400, 4, 8, 5), (40, 4, 8, 5), (200, 4, 8, 10),
+                                                             (48, 8, 4, 3)])
+def test_stream_epochs_are_hf_trainers_updates(n, micro, accum, epochs):
+    """optim.epoch_mode=stream: the same items in the same updates as HF Trainer 4.45 (an epoch's
+    leftover micro-batches open the next epoch's first update), whenever the micro-batch divides
+    the data set (TOFU's forget sets with 4 per device); the same number of steps."""
+    hf = _hf_445_updates(n, micro, accum, epochs)
+    plan = StepPlan(n, micro * accum, epochs, seed=0, mode="stream")
+    assert plan.total_steps == len(hf)
+    for step, items in enumerate(hf):
+        epochs_, positions = zip(*items, strict=True)
+        got_epochs, got_items = plan.positions(step)
+        np.testing.assert_array_equal(got_epochs, epochs_)
+        want = [epoch_order(n, 0, e)[k] for e, k in items]
+        np.testing.assert_array_equal(got_items, want)
+        assert plan.epoch(step) == epochs_[0]
+
+
+def test_stream_and_drop_on_forget10():
+    drop, stream = StepPlan(400, 32, 5, seed=0), StepPlan(400, 32, 5, seed=0, mode="stream")
+    assert drop.total_steps == stream.total_steps == 60
+    np.testing.assert_array_equal(drop.indices(3), stream.indices(3))  # the first 12 steps agree
+    used = [stream.positions(s) for s in range(60)]
+    epochs = np.concatenate([e for e, _ in used])
+    assert np.bincount(epochs).tolist() == [400, 400, 400, 400, 320]  # 80 items short of epoch 5's end
+    for e in range(4):  # every item once per epoch
+        assert sorted(np.concatenate([i for ep, i in used for i in [i[ep == e]]]).tolist()) == list(range(400))
+    np.testing.assert_array_equal(used[12][0], [0] * 16 + [1] * 16)  # epoch 0's last 16 open step 13
+    assert [stream.epoch(s) for s in (11, 12, 13)] == [0, 0, 1]
+    with pytest.raises(ValueError, match="epoch mode"):
+        StepPlan(400, 32, 5, seed=0, mode="keep")
+
+
+def test_fresh_retain_pairing_draws_each_epoch():
+    fixed, fresh = RetainPairing(400, 3600, 0), RetainPairing(400, 3600, 0, "fresh")
+    items = np.arange(400)
+    np.testing.assert_array_equal(fixed.partners(items, np.zeros(400, int)), retain_pairing(400, 3600, seed=0))
+    np.testing.assert_array_equal(fixed.partners(items, np.full(400, 3)), retain_pairing(400, 3600, seed=0))
+    e0, e1 = fresh.partners(items, np.zeros(400, int)), fresh.partners(items, np.ones(400, int))
+    assert (e0 != e1).mean() > 0.99 and e0.min() >= 0 and max(e0.max(), e1.max()) < 3600
+    np.testing.assert_array_equal(RetainPairing(400, 3600, 0, "fresh").partners(items, np.ones(400, int)), e1)
+    mixed = fresh.partners(np.array([5, 5, 7]), np.array([0, 1, 1]))  # a step across two epochs
+    assert mixed.tolist() == [e0[5], e1[5], e1[7]]
+    # uniform: every retain item about equally often over many epochs
+    counts = np.bincount(np.concatenate([RetainPairing(400, 40, 1, "fresh").partners(items, np.full(400, e))
+                                         for e in range(50)]), minlength=40)
+    assert counts.min() > 400 and counts.max() < 600  # 500 expected
+
+
+def test_group_tokens_sum_each_groups_labels():
+    ex = [Example(np.arange(6, dtype=np.int32), np.r_[[IGNORE] * k, np.arange(6 - k)].astype(np.int32))
+          for k in (1, 2, 3, 4)]
+    # labels[1:] labelled: 5, 4, 3, 2; groups of 2: 9, 5; truncated to length 4: 3, 2, 1, 0
+    assert group_tokens(ex, 6, 2).tolist() == [9, 9, 5, 5]
+    assert group_tokens(ex, 4, 2).tolist() == [5, 5, 1, 1]
+    assert group_tokens(ex, 6, 4).tolist() == [14] * 4
 
 
 def test_length_sorted_batches():

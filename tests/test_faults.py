@@ -422,10 +422,10 @@ def poison(monkeypatch):
         batch["poison"] = np.full(len(batch["forget_index"]), float(step + 1 in steps), np.float32)
         return batch
 
-    def accumulated_grads(graphdef, obj, params, ref_params, batch, units):
+    def accumulated_grads(graphdef, obj, params, ref_params, batch, *grouping):
         batch = dict(batch)
         bad = jnp.where(batch.pop("poison").max() > 0, jnp.inf, 0.0)
-        loss, aux, grads = original_grads(graphdef, obj, params, ref_params, batch, units)
+        loss, aux, grads = original_grads(graphdef, obj, params, ref_params, batch, *grouping)
         return loss, aux, jax.tree.map(lambda g: g + bad, grads)
 
     monkeypatch.setattr(train_module, "step_batch", step_batch)

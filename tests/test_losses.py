@@ -10,7 +10,7 @@ from hf_models import load_hf, make_hf_model, tiny_config
 from ou_reference import batch_nll, hf_loss, kl_retain, npo_loss, simnpo_loss
 
 from npo_jax import logprobs
-from npo_jax.data.batches import pad_examples
+from npo_jax.data.batches import group_tokens, pad_examples
 from npo_jax.data.tokenize import IGNORE, Example
 from npo_jax.losses import Objective
 from npo_jax.model import abstract_model, split_params
@@ -197,3 +197,32 @@ def test_first_argmax_is_numpys_argmax():
         np.testing.assert_array_equal(np.asarray(pred), np.argmax(logits, axis=-1))
         np.testing.assert_allclose(np.asarray(lse), scipy.special.logsumexp(logits, axis=-1), rtol=1e-6)
     assert np.asarray(logprobs.first_argmax(x))[0, 0] == 300 and np.asarray(logprobs.first_argmax(x))[1, 2] == 700
+
+
+@pytest.mark.parametrize("method", ["GradDiff", "NPO", "finetune"])
+def test_loss_group_spanning_units_is_exact(models, method):
+    """One loss group of 4 examples spread over accumulation micro-batches and units (`span`,
+    with the group's token count from the host) gives the loss and gradients of the group in one
+    micro-batch: token means over the whole group, not over each part."""
+    folder, ref_folder = models
+    forget, retain = pad_examples(_examples(6, 4), 16, pad_id=0), pad_examples(_examples(7, 4), 16, pad_id=0)
+    obj = Objective.finetune() if method == "finetune" else Objective(method, alpha=2.0)
+    cfg, params = load_hf_params(folder)
+    graphdef, _ = split_params(abstract_model(cfg))
+    step = {"forget": forget, "retain": retain}
+    if method == "NPO":
+        step["forget_ref_logp"] = -batch_nll(load_hf(ref_folder), _torch(forget)).detach().numpy()
+    whole = accumulated_grads(graphdef, obj, params, None, jax.tree.map(lambda x: np.asarray(x)[None], step), units=1)
+    examples = {"forget": _examples(6, 4), "retain": _examples(7, 4)}
+    for name in ("forget", "retain"):
+        step[name] = {**step[name], "group_tokens": group_tokens(examples[name], 16, 4)}
+        assert np.all(step[name]["group_tokens"] == (step[name]["labels"][:, 1:] != IGNORE).sum())
+    # (accumulation micro-batches, rows each, units per micro-batch, span)
+    for accum, rows, units, span in ((4, 1, 1, 4), (2, 2, 2, 4), (2, 2, 1, 2)):
+        parts = jax.tree.map(lambda x, a=accum, r=rows: np.asarray(x).reshape(a, r, *x.shape[1:]), step)
+        loss, aux, grads = accumulated_grads(graphdef, obj, params, None, parts, units=units, span=span)
+        np.testing.assert_allclose(float(loss), float(whole[0]), rtol=1e-5, err_msg=f"{accum}x{rows}")
+        for k in aux:
+            np.testing.assert_allclose(float(aux[k]), float(whole[1][k]), rtol=1e-5, err_msg=k)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * np.abs(b).max()),
+                     grads, whole[2])

@@ -42,8 +42,8 @@ def _train(mini, out, *extra, mode="unlearn", max_steps=None, resume=False):
     return trainer
 
 
-def _losses(out):
-    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+def _losses(out, key="loss"):
+    return [json.loads(line)[key] for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_strategies_give_the_same_trajectory(mini, tmp_path):
@@ -68,6 +68,65 @@ def test_strategies_give_the_same_trajectory(mini, tmp_path):
                      params[name], params["one_device"])
 
 
+def test_loss_group_gives_the_same_trajectory_on_any_topology(mini, tmp_path):
+    """optim.loss_group=2 (token means over groups of 2 examples): the same losses on one device with
+    accumulation, fsdp=8, data=8 and pmap over 8, whether a device's rows hold a group
+    (per_device_batch 2) or a group spans two devices or micro-batches (per_device_batch 1)."""
+    runs = {
+        "one_device": ["parallel.data=1"],
+        "fsdp8": ["parallel.data=1", "parallel.fsdp=8"],
+        "data8": ["parallel.data=8"],
+        "pmap8": ["parallel.strategy=pmap"],
+    }
+    losses, retain = {}, {}
+    for per_device_batch in (1, 2):
+        common = ["optim.effective_batch=16", "optim.loss_group=2", f"optim.per_device_batch={per_device_batch}"]
+        for name, extra in runs.items():
+            out = tmp_path / f"{name}_{per_device_batch}"
+            trainer = _train(mini, out, *common, *extra, max_steps=3)
+            losses[out.name], retain[out.name] = _losses(out), _losses(out, "retain_loss")
+            assert trainer.placement.span == 2 // per_device_batch
+        info = json.loads((out / "run_info.json").read_text())
+        assert info["loss_group"] == 2 and info["accumulation"] == 2 // per_device_batch  # on 8 devices
+    reference = losses["one_device_1"]
+    assert len(reference) == 3 and np.ptp(reference) > 0.05
+    for name, trajectory in losses.items():
+        np.testing.assert_allclose(trajectory, reference, rtol=1e-4, err_msg=name)
+    # Without loss_group, per_device_batch 1 takes token means per example: another retain loss. On
+    # this data (answers of similar lengths) the grouping moves it by about 1e-4 relative, so the
+    # topologies must agree far closer than that for the test to tell groupings apart.
+    _train(mini, tmp_path / "ungrouped", "optim.effective_batch=16", "parallel.data=1", max_steps=3)
+    grouped = np.asarray(retain["one_device_1"])
+    effect = np.abs(np.asarray(_losses(tmp_path / "ungrouped", "retain_loss")) - grouped).max() / grouped.max()
+    spread = max(np.abs(np.asarray(r) - grouped).max() for r in retain.values()) / grouped.max()
+    print(f"grouping effect {effect:.2e}, topology spread {spread:.2e}")
+    assert effect > 10 * spread, (effect, spread)
+
+
+def test_loss_groups_smaller_than_a_device_batch(mini, tmp_path):
+    """loss_group 1 (a token mean per example): per_device_batch 2 puts two groups on each device
+    (pmap: two units per device; sharded: 16 in the micro-batch), the same as one example at a time."""
+    common = ["optim.effective_batch=16", "optim.loss_group=1"]
+    runs = {"one_device": ["parallel.data=1", "optim.per_device_batch=1"],
+            "pmap8": ["parallel.strategy=pmap", "optim.per_device_batch=2"],
+            "data8": ["parallel.data=8", "optim.per_device_batch=2"]}
+    losses = {}
+    for name, extra in runs.items():
+        trainer = _train(mini, tmp_path / name, *common, *extra, max_steps=2)
+        losses[name] = _losses(tmp_path / name)
+        assert trainer.placement.span == 1
+    assert trainer.placement.units == 16
+    for name in runs:
+        np.testing.assert_allclose(losses[name], losses["one_device"], rtol=1e-4, err_msg=name)
+
+
+def test_loss_group_must_divide_or_be_a_multiple_of_per_device_batch(mini, tmp_path):
+    with pytest.raises(NpoJaxError, match="optim.loss_group=3 and optim.per_device_batch=2"):
+        load_run_config(None, _overrides(mini, tmp_path, "optim.loss_group=3", "optim.per_device_batch=2"))
+    with pytest.raises(NpoJaxError, match="not a multiple of optim.loss_group=16"):
+        load_run_config(None, _overrides(mini, tmp_path, "optim.loss_group=16"))
+
+
 def test_resume_continues_exactly(mini, tmp_path):
     straight = _train(mini, tmp_path / "straight", "checkpoint.every_steps=2")
     assert straight.total_steps == 6
@@ -77,6 +136,35 @@ def test_resume_continues_exactly(mini, tmp_path):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-6), resumed.params(),
                  straight.params())
     np.testing.assert_allclose(_losses(tmp_path / "split"), _losses(tmp_path / "straight"), rtol=1e-6)
+
+
+def test_stream_epochs_and_fresh_pairing_resume_exactly(mini, tmp_path):
+    """optim.epoch_mode=stream with data.retain_pairing=fresh: 16 items in steps of 6 cross the
+    epochs' ends; a run stopped and resumed reproduces the straight one (the pairing redrawn from the
+    seed); a checkpoint is not resumed under another data order."""
+    order = ["optim.effective_batch=6", "optim.epoch_mode=stream", "data.retain_pairing=fresh", "parallel.data=1",
+             "checkpoint.every_steps=2"]
+    straight = _train(mini, tmp_path / "straight", *order)
+    assert straight.total_steps == 6 and straight.plan.mode == "stream"
+    records = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [0, 0, 0, 1, 1, 1]  # step 3 takes epoch 0's last 4 and epoch 1's first 2
+    epochs, items = straight.plan.positions(2)
+    assert epochs.tolist() == [0] * 4 + [1] * 2
+    batch = step_batch(straight.plan, 2, straight.data.examples, buckets=[96, 128], pad_id=straight.data.pad_id,
+                       eot_id=straight.data.eot_id, eot_mask_quirk=False, retain=straight.data.retain,
+                       pairing=straight.data.pairing)
+    fresh = straight.data.pairing.partners(items, epochs)
+    np.testing.assert_array_equal(batch["retain"]["input_ids"][:, :8],
+                                  [np.pad(straight.data.retain[j].input_ids, (0, 128))[:8] for j in fresh])
+    _train(mini, tmp_path / "split", *order, max_steps=3)
+    with pytest.raises(NpoJaxError, match="optim.epoch_mode=stream, data.retain_pairing=fresh; this config has "
+                                          "optim.epoch_mode=drop"):
+        _train(mini, tmp_path / "split", *order, "optim.epoch_mode=drop", resume=True)
+    resumed = _train(mini, tmp_path / "split", *order, resume=True)
+    assert resumed.start_step == 3
+    np.testing.assert_allclose(_losses(tmp_path / "split"), _losses(tmp_path / "straight"), rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-6), resumed.params(),
+                 straight.params())
 
 
 def test_no_recompiles_after_first_step_of_each_bucket(mini, tmp_path):
