@@ -96,6 +96,13 @@ def _audit_parser(sub) -> None:
     add_arguments(sub.add_parser("audit", help="leak probes beyond the TOFU metrics, several models side by side"))
 
 
+def _parity_parser(sub) -> None:
+    from npo_jax.parity.args import add_arguments
+
+    add_arguments(sub.add_parser("parity", help="check JAX against transformers on your model (round trip, logits, "
+                                                "generation, objective, evaluation)"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="npo-jax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -105,10 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
     _demo_parser(sub)
     _sweep_parser(sub)
     _audit_parser(sub)
+    _parity_parser(sub)
     return parser
 
 
-def _run(args) -> None:
+def _run(args) -> int | None:
     if args.command in ("sweep", "unlearn", "finetune"):
         from npo_jax.memory import reuse_host_memory
 
@@ -131,6 +139,10 @@ def _run(args) -> None:
         from npo_jax.audit.cli import run_audit
 
         run_audit(args)
+    elif args.command == "parity":  # exit code 1 when a check fails
+        from npo_jax.parity_run import run_parity
+
+        return run_parity(args)
     elif args.command in ("unlearn", "finetune"):
         from npo_jax.run_config import load_run_config
         from npo_jax.train import Trainer
@@ -154,14 +166,14 @@ def _run(args) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        _run(args)
+        code = _run(args)
     except NpoJaxError as e:
         print(f"npo-jax: error: {e}", file=sys.stderr)
         return 2
     except Preempted as e:  # checkpoint written: the job can be requeued with --resume
         print(f"npo-jax: preempted: {e}", file=sys.stderr)
         return Preempted.exit_code
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

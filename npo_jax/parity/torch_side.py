@@ -1,0 +1,172 @@
+"""The transformers half of `npo-jax parity`: the same quantities in PyTorch (float32), each
+compared as it is computed with what the JAX side kept.
+
+The model is `transformers.LlamaForCausalLM` loaded from the HF folder in float32. Generation and
+the evaluator's values come from `npo_jax.eval.hf_reference` (its own tokenization, `generate`);
+the objective from open-unlearning's formulas (`npo_jax.parity.torch_objective`), its gradient
+norm summed tensor by tensor as backward produces them (each gradient freed at once, so the 3B
+never holds a float32 gradient copy), under gradient checkpointing (activations recomputed: the
+same numbers, less memory).
+"""
+
+from __future__ import annotations
+
+import gc
+from pathlib import Path
+
+import numpy as np
+
+from npo_jax.eval.hf_reference import hf_generate_batch, hf_score_batch
+from npo_jax.eval.protocol import Scored
+from npo_jax.parity.checks import (
+    EVAL_RTOL,
+    LOSS_RTOL,
+    Bf16Agreement,
+    Check,
+    LogitsAgreement,
+    Timings,
+    close_values,
+    exact_sequences,
+)
+from npo_jax.parity.inputs import Items, Settings
+from npo_jax.parity.jax_side import JaxOutputs, per_item_values
+from npo_jax.parity.torch_objective import objective_terms
+
+
+def load_hf_model(folder: Path):
+    import torch
+    import transformers
+
+    return transformers.LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+def _answer_logits(model, layout) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        logits = model(torch.as_tensor(layout.input_ids, dtype=torch.long),
+                       attention_mask=torch.as_tensor(layout.attention_mask, dtype=torch.long),
+                       position_ids=torch.as_tensor(layout.positions, dtype=torch.long)).logits
+        return logits[torch.as_tensor(layout.rows, dtype=torch.long),
+                      torch.as_tensor(layout.cols, dtype=torch.long)].float().numpy()
+
+
+def logits_checks(model, items: Items, settings: Settings, ours: JaxOutputs) -> list[Check]:
+    """float32 logits, right and left padded, and bfloat16 compute (right padded) against them."""
+    f32 = {side: LogitsAgreement() for side in ("right", "left")}
+    bf16 = Bf16Agreement()
+    files = {name: np.load(path, mmap_mode="r") for name, path in ours.logits.items()}
+    for side in ("right", "left"):
+        k = 0
+        for layout in items.batches(settings.batch_size, settings.eot_mask_quirk, side):
+            ref = _answer_logits(model, layout)
+            f32[side].add(np.asarray(files[side][k:k + len(ref)]), ref)
+            if side == "right":
+                bf16.add(np.asarray(files["bf16"][k:k + len(ref)]), ref)
+            k += len(ref)
+    return [f32["right"].check("logits f32: right padded"), f32["left"].check("logits f32: left padded"),
+            *bf16.checks()]
+
+
+def generation_check(model, tokenizer, items: Items, settings: Settings, ours: JaxOutputs) -> tuple[Check, list]:
+    ref = hf_generate_batch(model, tokenizer, items.questions, batch_size=settings.batch_size,
+                            max_new_tokens=settings.max_new_tokens, eos_ids=list(ours.eos_ids),
+                            system_prompt=settings.fmt.system_prompt, date_string=settings.fmt.date_string,
+                            eot_mask_quirk=settings.eot_mask_quirk)
+    check = exact_sequences(f"generation: greedy, {settings.max_new_tokens} new tokens", "generation",
+                            ours.generations, ref, "generate(do_sample=False)")
+    return check, ref
+
+
+def _torch_group(group: dict) -> dict:
+    import torch
+
+    return {k: torch.as_tensor(group[k], dtype=torch.long) for k in ("input_ids", "attention_mask", "labels")}
+
+
+def _enable_checkpointing(model):
+    """Activation checkpointing on (under either transformers name); returns what turns it off."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        return model.activation_checkpointing_disable
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    return model.gradient_checkpointing_disable
+
+
+def objective_checks(model, items: Items, tokenizer, settings: Settings, ours: JaxOutputs) -> list[Check]:
+    import torch
+
+    s = settings
+    host = items.objective_batch(tokenizer, s)
+    forget, retain = _torch_group(host["forget"]), _torch_group(host["retain"])
+    squares = [torch.zeros((), dtype=torch.float64)]
+
+    def add_and_free(p):
+        squares[0] += p.grad.double().square().sum()
+        p.grad = None
+
+    hooks = [p.register_post_accumulate_grad_hook(add_and_free) for p in model.parameters()]
+    disable = _enable_checkpointing(model)
+    model.train()  # checkpointing is active in training mode only; Llama has no dropout
+    try:
+        terms = objective_terms(model, s.method, forget, retain, beta=s.beta, alpha=s.alpha, gamma=s.gamma,
+                                delta=s.delta, retain_loss=s.retain_loss)
+        terms["loss"].backward()
+    finally:
+        for h in hooks:
+            h.remove()
+        disable()
+        model.eval()
+    ref = {k: float(v.detach()) for k, v in terms.items()} | {"grad_norm": float(squares[0].sqrt())}
+    label = s.method if s.method == "finetune" else (
+        f"{s.method} (beta {s.beta:g}, alpha {s.alpha:g}, gamma {s.gamma:g})")
+    checks = []
+    for key in ("loss", "forget_loss", "retain_loss", "grad_norm"):
+        if key in ref:
+            checks.append(close_values(f"objective {label}: {key}" if key == "loss" else f"objective: {key}",
+                                       "objective", ours.objective[key], ref[key], LOSS_RTOL))
+    return checks
+
+
+def evaluation_checks(model, tokenizer, items: Items, settings: Settings, ours: JaxOutputs,
+                      generations: list) -> list[Check]:
+    """The transformers evaluator's per-item values (ROUGE of its greedy answers) against ours."""
+    pairs, n_wrong = items.eval_pairs()
+    scored = [Scored(d["avg_loss"], d["token_logprobs"], d["preds"], d["labels"]) for d in hf_score_batch(
+        model, tokenizer, pairs, batch_size=settings.batch_size, system_prompt=settings.fmt.system_prompt,
+        date_string=settings.fmt.date_string, eot_mask_quirk=settings.eot_mask_quirk)]
+    texts = [tokenizer.decode(t, skip_special_tokens=True).strip() for t in generations]
+    ref = per_item_values(items, scored, n_wrong, texts)
+    ev = ours.evaluation
+    return [close_values("eval: probability", "evaluation", ev["prob"], ref["prob"], EVAL_RTOL),
+            close_values("eval: truth ratio", "evaluation", ev["truth_ratio"], ref["truth_ratio"], EVAL_RTOL),
+            _rouge_check(ev, ref)]
+
+
+def _rouge_check(ours: dict, ref: dict) -> Check:
+    a, b = np.asarray(ours["rougeL_recall"]), np.asarray(ref["rougeL_recall"])
+    diff = np.abs(a - b)
+    i = int(diff.argmax())
+    detail = f"item {i}: ours {ours['texts'][i]!r}, reference {ref['texts'][i]!r}"
+    return Check("eval: ROUGE-L recall", "evaluation", float(a.mean()), float(b.mean()), float(diff.max()), 0.0,
+                 "equal", detail)
+
+
+def run_torch(hf_dir: Path, tokenizer, items: Items, settings: Settings, ours: JaxOutputs,
+              timings: Timings) -> list[Check]:
+    """All transformers-side parts on the HF folder, each compared at once; the model is freed."""
+    with timings.part("torch: load"):
+        model = load_hf_model(hf_dir)
+    with timings.part("torch: logits"):
+        checks = logits_checks(model, items, settings, ours)
+    with timings.part("torch: generation"):
+        gen_check, generations = generation_check(model, tokenizer, items, settings, ours)
+        checks.append(gen_check)
+    with timings.part("torch: objective"):
+        checks += objective_checks(model, items, tokenizer, settings, ours)
+    with timings.part("torch: evaluation"):
+        checks += evaluation_checks(model, tokenizer, items, settings, ours, generations)
+    del model
+    gc.collect()
+    return checks
