@@ -198,7 +198,8 @@ def run_parity(args) -> int:
               "transformers_loads": str(hf_dir) if source.kind == "hf" else "the exported HF folder",
               "settings": dataclasses.asdict(settings), "notes": notes,
               "checks": [c.as_json() for c in checks], "seconds": timings.seconds,
-              "peak_rss_gib": timings.peak_rss_gib, "peak_rss_gib_total": round(peak_rss_gib(), 3),
+              "peak_rss_gib": timings.peak_rss_gib, "rss_gib": timings.rss_gib,
+              "peak_rss_gib_total": round(peak_rss_gib(), 3),
               "passed": all(c.passed for c in checks)}
     table = format_table(checks, timings)
     with atomic_output_dir(out, overwrite=True) as tmp_out:

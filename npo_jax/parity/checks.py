@@ -133,12 +133,22 @@ def peak_rss_gib() -> float:
     return kib / (1024 ** 3 if sys.platform == "darwin" else 1024 ** 2)
 
 
+def rss_gib() -> float:
+    """This process's resident memory now (GiB; Linux, else the peak so far)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize() / 1024 ** 3
+    except OSError:
+        return peak_rss_gib()
+
+
 class Timings:
-    """Wall time and peak RSS (so far) at the end of each named part, printed as they finish."""
+    """Wall time, peak RSS (so far) and RSS at the end of each named part, printed as they finish."""
 
     def __init__(self, quiet: bool = False):
         self.seconds: dict[str, float] = {}
         self.peak_rss_gib: dict[str, float] = {}
+        self.rss_gib: dict[str, float] = {}
         self.quiet = quiet
 
     @contextmanager
@@ -147,9 +157,10 @@ class Timings:
         yield
         self.seconds[name] = round(time.perf_counter() - t0, 2)
         self.peak_rss_gib[name] = round(peak_rss_gib(), 3)
+        self.rss_gib[name] = round(rss_gib(), 3)
         if not self.quiet:
-            print(f"parity: {name}: {self.seconds[name]:.1f} s (peak RSS {self.peak_rss_gib[name]:.2f} GiB)",
-                  file=sys.stderr, flush=True)
+            print(f"parity: {name}: {self.seconds[name]:.1f} s (peak RSS {self.peak_rss_gib[name]:.2f} GiB, "
+                  f"now {self.rss_gib[name]:.2f})", file=sys.stderr, flush=True)
 
 
 def _cell(value) -> str:
@@ -170,9 +181,9 @@ def format_table(checks: list[Check], timings: Timings | None = None) -> str:
             lines.append(f"  {c.name}: {c.detail}")
     if timings is not None:
         lines.append("")
-        lines.append("part                        seconds  peak RSS (GiB)")
+        lines.append("part                        seconds  peak RSS so far (GiB)  RSS after (GiB)")
         for name, s in timings.seconds.items():
-            lines.append(f"{name:<26} {s:9.1f}  {timings.peak_rss_gib[name]:14.2f}")
+            lines.append(f"{name:<26} {s:9.1f}  {timings.peak_rss_gib[name]:21.2f}  {timings.rss_gib[name]:15.2f}")
     failed = [c.name for c in checks if not c.passed]
     lines.append("")
     lines.append(f"parity: {'FAIL: ' + ', '.join(failed) if failed else 'all ' + str(len(checks)) + ' checks pass'}")
