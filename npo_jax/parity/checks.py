@@ -6,7 +6,8 @@ bfloat16 compute against the float32 reference with 99% argmax agreement and a m
 most 1e-3 (same file), losses and gradients to a relative 1e-4 (tests/test_losses.py), per-item
 probabilities and truth ratios to a relative 1e-4 (tests/test_eval_parity.py), greedy generations
 token for token (tests/test_generate.py, test_eval_parity.py) and so ROUGE exactly, and the
-conversion round trip bit for bit (tests/test_convert.py).
+conversion round trip bit for bit (tests/test_convert.py). The gradient norm, which no test
+compares as such, has a tolerance of its own (GRAD_NORM_RTOL, below).
 """
 
 from __future__ import annotations
@@ -22,7 +23,13 @@ import numpy as np
 LOGITS_REL = 1e-4  # max |ours - ref| / max |ref|, float32
 BF16_MIN_ARGMAX = 0.99  # argmax agreement of bfloat16 compute with the float32 reference
 BF16_MAX_KL = 1e-3  # mean KL(reference || bfloat16 compute) per position, nats
-LOSS_RTOL = 1e-4  # loss, its parts and the gradient norm
+LOSS_RTOL = 1e-4  # loss and its parts
+# The gradient norm: the tests compare gradients element-wise (rtol 1e-4 plus 1e-6 of each
+# tensor's largest entry), which one norm cannot mirror. Near an optimum the gradient is a small
+# difference of float32 terms and the float32 reference itself is off: on the demo's fine-tuned
+# model (retain loss 0.0036) transformers' float32 norm was 2.0e-4 from its float64 value, ours
+# 2e-7. So 1e-3 relative.
+GRAD_NORM_RTOL = 1e-3
 EVAL_RTOL = 1e-4  # per-item probability and truth ratio
 
 
@@ -101,7 +108,9 @@ class Bf16Agreement:
         agree = self.agree / max(self.n, 1)
         kl = self.kl / max(self.n, 1)
         return [Check("logits bf16: argmax agreement", "logits", f"{agree:.4f}", "1 (float32)", 1 - agree,
-                      1 - BF16_MIN_ARGMAX, f"agreement >= {BF16_MIN_ARGMAX:g}", f"{self.n} positions"),
+                      1 - BF16_MIN_ARGMAX, f"agreement >= {BF16_MIN_ARGMAX:g}",
+                      f"{self.agree} of {self.n} answer positions agree (near-tied predictions flip under bf16 "
+                      f"rounding: an unlearned model's forget answers, random weights)"),
                 Check("logits bf16: mean KL", "logits", f"{kl:.3g}", "0 (float32)", kl, BF16_MAX_KL,
                       f"KL <= {BF16_MAX_KL:g} nats")]
 

@@ -20,6 +20,7 @@ from npo_jax.eval.hf_reference import hf_generate_batch, hf_score_batch
 from npo_jax.eval.protocol import Scored
 from npo_jax.parity.checks import (
     EVAL_RTOL,
+    GRAD_NORM_RTOL,
     LOSS_RTOL,
     Bf16Agreement,
     Check,
@@ -125,7 +126,8 @@ def objective_checks(model, items: Items, tokenizer, settings: Settings, ours: J
     for key in ("loss", "forget_loss", "retain_loss", "grad_norm"):
         if key in ref:
             checks.append(close_values(f"objective {label}: {key}" if key == "loss" else f"objective: {key}",
-                                       "objective", ours.objective[key], ref[key], LOSS_RTOL))
+                                       "objective", ours.objective[key], ref[key],
+                                       GRAD_NORM_RTOL if key == "grad_norm" else LOSS_RTOL))
     return checks
 
 
