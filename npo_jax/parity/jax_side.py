@@ -1,10 +1,13 @@
 """The JAX half of `npo-jax parity`: everything our code computes on the N items, kept for the
 comparison once the JAX model is gone.
 
-Params are read from an Orbax checkpoint in their stored dtype (a bf16 release stays 6.4 GB for
-the 3B) and computed in float32 (bf16 -> f32 is exact, so the numbers are those of float32
-params; gradients come out in the stored dtype). Logits are kept only at the answer positions,
-in float32 files on disk (`np.lib.format.open_memmap`), not in memory.
+Params are read from an Orbax checkpoint one tensor at a time (largest first) and held in
+float32, the reference's dtype. (Held in bf16 and computed in float32, XLA:CPU materialised a
+float32 copy of the whole layer stack besides them: measured +6 bytes a parameter, more than
+float32 params.) The objective's gradient norm is summed over groups of parameters, each group
+differentiated in a pass of its own, so at most one group's gradients (the size of the largest
+stacked tensor) exist besides the params. Logits are kept only at the answer positions, in
+float32 files on disk (`np.lib.format.open_memmap`), not in memory.
 """
 
 from __future__ import annotations
@@ -24,14 +27,13 @@ from npo_jax.eval import metrics as m
 from npo_jax.eval.lm import LoadedLM
 from npo_jax.eval.scoring import Scorer
 from npo_jax.eval.suite import _multi_prob_items, _prob_items, _rouge_items, _split
-from npo_jax.losses import Objective
+from npo_jax.losses import Objective, objective_loss
 from npo_jax.memory import trim_host_memory
 from npo_jax.model import abstract_model, merge_params, split_params
 from npo_jax.parity.checks import Timings
 from npo_jax.parity.inputs import Items, Settings
 from npo_jax.reference import reference_logprobs
-from npo_jax.train_step import accumulated_grads
-from npo_jax.tree_paths import set_path
+from npo_jax.tree_paths import get_path, iter_paths, set_path
 
 LOGIT_FILES = {"right": "logits_f32_right.npy", "left": "logits_f32_left.npy", "bf16": "logits_bf16_right.npy"}
 
@@ -46,13 +48,16 @@ class JaxOutputs:
 
 
 def load_params(folder: Path) -> tuple[object, dict]:
-    """(LlamaConfig, params as jax arrays in the stored dtype), restored straight onto the device."""
+    """(LlamaConfig, params as float32 jax arrays), read a tensor at a time, largest first (so the
+    read and cast copies of one tensor come on top of as few loaded ones as possible)."""
     reader = ParamsReader(folder)
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    shardings: dict = {}
-    for path in reader.metadata:
-        set_path(shardings, path, device)
-    return reader.config, reader.read_all(shardings)
+    params: dict = {}
+    for path in sorted(reader.metadata, key=lambda p: -int(np.prod(reader.metadata[p].shape))):
+        host = reader.read(path)
+        set_path(params, path, jax.device_put(host.astype(np.float32, copy=False)))
+        del host
+        trim_host_memory()
+    return reader.config, params
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
@@ -62,11 +67,40 @@ def _answer_logits(graphdef, params, ids, mask, positions, rows, cols):
     return model.logits(hidden[rows, cols])
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "obj"))
-def _objective(graphdef, obj, params, ref_params, batch):
-    loss, aux, grads = accumulated_grads(graphdef, obj, params, ref_params, batch, units=1)
-    squares = sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(grads))
-    return loss, aux, jnp.sqrt(squares)
+@functools.partial(jax.jit, static_argnames=("graphdef", "obj", "group"))
+def _objective(graphdef, obj, params, batch, group: tuple):
+    """Loss, aux terms and the squared norm of the gradients of the params in `group` (paths) for
+    one micro-batch of one unit (as `train_step.accumulated_grads` computes them), the model
+    being its own reference."""
+
+    def loss_fn(sub):
+        full = jax.tree.map(lambda x: x, params)
+        for path, value in zip(group, sub, strict=True):
+            set_path(full, path, value)
+        model = merge_params(graphdef, full)
+        ref_model = merge_params(graphdef, params) if obj.needs_live_reference else None
+        losses, aux = objective_loss(model, ref_model, batch, obj, 1)
+        return losses.mean(), {k: v.mean() for k, v in aux.items()}
+
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)([get_path(params, p) for p in group])
+    return loss, aux, sum(jnp.sum(jnp.square(g)) for g in grads)
+
+
+def gradient_groups(params: dict) -> list[tuple]:
+    """Param paths in groups of at most the largest tensor's size (and at least 2^26 elements, so a
+    small model takes one pass), largest first."""
+    sizes = sorted(((int(np.prod(x.shape)), p) for p, x in iter_paths(params)), reverse=True)
+    budget, groups, used = max(sizes[0][0], 1 << 26), [], []
+    for size, path in sizes:
+        for k, group in enumerate(groups):
+            if used[k] + size <= budget:
+                group.append(path)
+                used[k] += size
+                break
+        else:
+            groups.append([path])
+            used.append(size)
+    return [tuple(g) for g in groups]
 
 
 def write_logits(graphdef, params, items: Items, settings: Settings, side: str, path: Path) -> Path:
@@ -98,9 +132,11 @@ def objective(graphdef, params, items: Items, tokenizer, settings: Settings) -> 
         batch["forget_ref_logp"] = reference_logprobs(
             graphdef, params, host["forget_examples"], buckets=[length], pad_id=items.pad_id, eot_id=items.eos_id,
             eot_mask_quirk=s.eot_mask_quirk, batch_size=len(host["forget_examples"]))
-    stacked = jax.tree.map(lambda x: np.asarray(x)[None], batch)  # one micro-batch of one unit
-    loss, aux, norm = _objective(graphdef, obj, params, params if obj.needs_live_reference else None, stacked)
-    return {"loss": float(loss), **{k: float(v) for k, v in aux.items()}, "grad_norm": float(norm)}
+    squares = 0.0
+    for group in gradient_groups(params):
+        loss, aux, sq = _objective(graphdef, obj, params, batch, group)
+        squares += float(sq)
+    return {"loss": float(loss), **{k: float(v) for k, v in aux.items()}, "grad_norm": float(np.sqrt(squares))}
 
 
 def evaluation(lm: LoadedLM, items: Items, settings: Settings) -> dict[str, list]:
@@ -128,7 +164,7 @@ def run_jax(folder: Path, tokenizer, items: Items, settings: Settings, work: Pat
     with timings.part("jax: load"):
         cfg, params = load_params(folder)
         graphdef, _ = split_params(abstract_model(cfg))
-        lm = LoadedLM(graphdef, params, tokenizer, settings.fmt, settings.eot_mask_quirk)
+        lm = LoadedLM(graphdef, params, tokenizer, settings.fmt, settings.eot_mask_quirk, unstacked_decode=False)
         eos_ids = lm.eos_ids
     with timings.part("jax: logits"):
         logits = {side: write_logits(graphdef, params, items, settings, side, work / LOGIT_FILES[side])
