@@ -103,8 +103,9 @@ def objective_checks(model, items: Items, tokenizer, settings: Settings, ours: J
     forget, retain = _torch_group(host["forget"]), _torch_group(host["retain"])
     squares = [torch.zeros((), dtype=torch.float64)]
 
-    def add_and_free(p):
-        squares[0] += p.grad.double().square().sum()
+    def add_and_free(p):  # in float64, a slice at a time: no full-size float64 copies of the 3B's embedding
+        for piece in p.grad.reshape(-1).split(1 << 22):
+            squares[0] += piece.double().square().sum()
         p.grad = None
 
     hooks = [p.register_post_accumulate_grad_hook(add_and_free) for p in model.parameters()]
