@@ -18,6 +18,7 @@ import numpy as np
 
 from npo_jax.eval.hf_reference import hf_generate_batch, hf_score_batch
 from npo_jax.eval.protocol import Scored
+from npo_jax.memory import unmap_large_blocks
 from npo_jax.parity.checks import (
     EVAL_RTOL,
     GRAD_NORM_RTOL,
@@ -95,32 +96,77 @@ def _enable_checkpointing(model):
     return model.gradient_checkpointing_disable
 
 
-def objective_checks(model, items: Items, tokenizer, settings: Settings, ours: JaxOutputs) -> list[Check]:
-    import torch
+class GradNorm:
+    """The model as open-unlearning's formulas call it, and the squared norm of its gradients,
+    summed in float64 as backward produces each one, which is then freed: no copy of the
+    gradients is ever held. The token embeddings are looked up outside the graph (leaves of their
+    own): the vocabulary matrix then gets no dense gradient from the lookup (with the LM head's,
+    four vocabulary-sized buffers at once in a tied 3B's backward, 6.3 GiB); the lookup's share
+    is added per token row after backward."""
 
+    def __init__(self, model):
+        import torch
+
+        self.model, self.embed = model, model.get_input_embeddings()
+        self.squares = torch.zeros((), dtype=torch.float64)
+        self.leaves, self.head_rows = [], None
+        self.hooks = [p.register_post_accumulate_grad_hook(self._add_and_free) for p in model.parameters()]
+
+    def __call__(self, input_ids, attention_mask=None, labels=None):
+        import torch
+
+        with torch.no_grad():
+            embeds = self.embed(input_ids)
+        if torch.is_grad_enabled():
+            embeds.requires_grad_(True)
+            self.leaves.append((input_ids, embeds))
+        return self.model(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels)
+
+    def _rows(self):
+        import torch
+
+        return torch.unique(torch.cat([ids.reshape(-1) for ids, _ in self.leaves]), return_inverse=True)
+
+    def _add_and_free(self, p):
+        if p is self.embed.weight:  # its LM-head gradient (tied) at the looked-up rows, for total()
+            self.head_rows = p.grad[self._rows()[0]].double()
+        for piece in p.grad.reshape(-1).split(1 << 22):  # float64 a slice at a time
+            self.squares += piece.double().square().sum()
+        p.grad = None
+
+    def total(self) -> float:
+        """|g|^2 = |head|^2 (hooked) + sum over looked-up rows of 2 head.lookup + |lookup|^2."""
+        import torch
+
+        rows, inverse = self._rows()
+        grads = torch.cat([e.grad.reshape(-1, e.shape[-1]) for _, e in self.leaves]).double()
+        lookup = torch.zeros(len(rows), grads.shape[-1], dtype=torch.float64).index_add_(0, inverse, grads)
+        if self.embed.padding_idx is not None:  # nn.Embedding gives the pad row no gradient
+            lookup[rows == self.embed.padding_idx] = 0
+        head = self.head_rows if self.head_rows is not None else torch.zeros_like(lookup)
+        return float((self.squares + (2 * head * lookup + lookup.square()).sum()).sqrt())
+
+    def remove(self) -> None:
+        for h in self.hooks:
+            h.remove()
+
+
+def objective_checks(model, items: Items, tokenizer, settings: Settings, ours: JaxOutputs) -> list[Check]:
     s = settings
     host = items.objective_batch(tokenizer, s)
     forget, retain = _torch_group(host["forget"]), _torch_group(host["retain"])
-    squares = [torch.zeros((), dtype=torch.float64)]
-
-    def add_and_free(p):  # in float64, a slice at a time: no full-size float64 copies of the 3B's embedding
-        for piece in p.grad.reshape(-1).split(1 << 22):
-            squares[0] += piece.double().square().sum()
-        p.grad = None
-
-    hooks = [p.register_post_accumulate_grad_hook(add_and_free) for p in model.parameters()]
+    norm = GradNorm(model)
     disable = _enable_checkpointing(model)
     model.train()  # checkpointing is active in training mode only; Llama has no dropout
     try:
-        terms = objective_terms(model, s.method, forget, retain, beta=s.beta, alpha=s.alpha, gamma=s.gamma,
+        terms = objective_terms(norm, s.method, forget, retain, beta=s.beta, alpha=s.alpha, gamma=s.gamma,
                                 delta=s.delta, retain_loss=s.retain_loss)
         terms["loss"].backward()
     finally:
-        for h in hooks:
-            h.remove()
+        norm.remove()
         disable()
         model.eval()
-    ref = {k: float(v.detach()) for k, v in terms.items()} | {"grad_norm": float(squares[0].sqrt())}
+    ref = {k: float(v.detach()) for k, v in terms.items()} | {"grad_norm": norm.total()}
     label = s.method if s.method == "finetune" else (
         f"{s.method} (beta {s.beta:g}, alpha {s.alpha:g}, gamma {s.gamma:g})")
     checks = []
@@ -159,6 +205,7 @@ def _rouge_check(ours: dict, ref: dict) -> Check:
 def run_torch(hf_dir: Path, tokenizer, items: Items, settings: Settings, ours: JaxOutputs,
               timings: Timings) -> list[Check]:
     """All transformers-side parts on the HF folder, each compared at once; the model is freed."""
+    unmap_large_blocks()  # the backward's freed gradients and activations go back to the OS at once
     with timings.part("torch: load"):
         model = load_hf_model(hf_dir)
     with timings.part("torch: logits"):
