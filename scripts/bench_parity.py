@@ -118,6 +118,9 @@ def main() -> None:
     print("$ " + " ".join(cmd), flush=True)
     t0 = time.perf_counter()
     code = subprocess.run(cmd, cwd=ROOT).returncode
+    if not (args.out / "parity" / "parity.json").is_file():  # e.g. -9: killed by the kernel's OOM killer
+        sys.exit(f"npo-jax parity ended with exit code {code} after {time.perf_counter() - t0:.0f} s, before its "
+                 f"report; the parts it finished are above")
     report = json.loads((args.out / "parity" / "parity.json").read_text())
     print(f"\nexit code {code}; wall {time.perf_counter() - t0:.0f} s; peak RSS {report['peak_rss_gib_total']:.2f} GiB")
     for part, seconds in report["seconds"].items():
