@@ -103,6 +103,13 @@ def _audit_parser(sub) -> None:
     add_arguments(sub.add_parser("audit", help="leak probes beyond the TOFU metrics, several models side by side"))
 
 
+def _parity_parser(sub) -> None:
+    from npo_jax.parity.args import add_arguments
+
+    add_arguments(sub.add_parser("parity", help="check JAX against transformers on your model (round trip, logits, "
+                                                "generation, objective, evaluation)"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="npo-jax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -112,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     _demo_parser(sub)
     _sweep_parser(sub)
     _audit_parser(sub)
+    _parity_parser(sub)
     parser.commands = sub.choices  # name -> subparser, for parse_args
     return parser
 
@@ -131,7 +139,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _run(args) -> None:
+def _run(args) -> int | None:
     if args.command in ("sweep", "unlearn", "finetune"):
         from npo_jax.memory import reuse_host_memory
 
@@ -154,6 +162,10 @@ def _run(args) -> None:
         from npo_jax.audit.cli import run_audit
 
         run_audit(args)
+    elif args.command == "parity":  # exit code 1 when a check fails
+        from npo_jax.parity_run import run_parity
+
+        return run_parity(args)
     elif args.command in ("unlearn", "finetune"):
         from npo_jax.fs import check_output_path
         from npo_jax.run_config import load_run_config
@@ -194,14 +206,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     quiet_absl_warnings()
     try:
-        _run(args)
+        code = _run(args)
     except NpoJaxError as e:
         print(f"npo-jax: error: {e}", file=sys.stderr)
         return 2
     except Preempted as e:  # checkpoint written: the job can be requeued with --resume
         print(f"npo-jax: preempted: {e}", file=sys.stderr)
         return Preempted.exit_code
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

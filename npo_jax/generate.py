@@ -41,16 +41,21 @@ def sample_next(logits, rng, temperature: float, top_p: float):
 
 
 def decode(model, cache: KVCache, mask, logits, positions, rng, done, *, max_new_tokens, eos_ids, pad_id,
-           temperature, top_p):
+           temperature, top_p, unstack: bool = True):
     """The decode loop after a prefill: `cache` (stacked) holds the prompts in its slots, `mask`
     (b, slots) marks their real ones (left or right padded alike), `logits` (b, vocab) predict
     each row's first new token, which gets position `positions` (b,). Rows `done` from the start
-    only produce `pad_id` (and do not keep the loop going). Returns (tokens (b, max_new), steps)."""
+    only produce `pad_id` (and do not keep the loop going). Returns (tokens (b, max_new), steps).
+
+    `unstack` copies the layers' weights out of the stack once, before the loop (faster steps);
+    without it each step reads them from the stack (no copy: what a host holding a 3B model in
+    float32 next to little free memory wants)."""
     b, p = mask.shape
     cache = KVCache(*(jnp.concatenate([c, jnp.zeros((*c.shape[:3], max_new_tokens, c.shape[4]), c.dtype)], axis=3)
-                      for c in cache)).unstacked()
+                      for c in cache))
+    cache = cache.unstacked() if unstack else cache
     mask = jnp.concatenate([mask, jnp.zeros((b, max_new_tokens), mask.dtype)], axis=1)
-    layers = model.unstacked_layers()
+    layers = model.unstacked_layers() if unstack else None
     eos = jnp.asarray(eos_ids, jnp.int32)
 
     def cond(state):
@@ -75,9 +80,9 @@ def decode(model, cache: KVCache, mask, logits, positions, rng, done, *, max_new
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "eos_ids", "pad_id",
-                                             "temperature", "top_p", "cache_dtype"))
+                                             "temperature", "top_p", "cache_dtype", "unstack"))
 def _generate(params, input_ids, attention_mask, rng, *, graphdef, max_new_tokens, eos_ids, pad_id,
-              temperature, top_p, cache_dtype):
+              temperature, top_p, cache_dtype, unstack=True):
     model = merge_params(graphdef, params)
     b, p = input_ids.shape
     positions = jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0)
@@ -85,13 +90,14 @@ def _generate(params, input_ids, attention_mask, rng, *, graphdef, max_new_token
     h, cache = model.hidden_states(input_ids, attention_mask, positions, cache, cache_index=0)
     return decode(model, cache, attention_mask, model.logits(h[:, -1]), jnp.sum(attention_mask, axis=-1), rng,
                   jnp.zeros((b,), bool), max_new_tokens=max_new_tokens, eos_ids=eos_ids, pad_id=pad_id,
-                  temperature=temperature, top_p=top_p)
+                  temperature=temperature, top_p=top_p, unstack=unstack)
 
 
 def generate(graphdef, params, input_ids, attention_mask, *, max_new_tokens: int, eos_ids=None,
              pad_id: int | None = None, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-             cache_dtype=None) -> Generation:
-    """Generate up to `max_new_tokens` for left-padded prompts (batch, prompt_len)."""
+             cache_dtype=None, unstack_layers: bool = True) -> Generation:
+    """Generate up to `max_new_tokens` for left-padded prompts (batch, prompt_len); `unstack_layers`
+    as `decode`'s `unstack`."""
     model = merge_params(graphdef, params)  # on the host, only to read static settings
     cfg = model.config
     eos_ids = tuple(cfg.eos_token_ids if eos_ids is None else eos_ids)
@@ -105,7 +111,7 @@ def generate(graphdef, params, input_ids, attention_mask, *, max_new_tokens: int
         params, input_ids, attention_mask, jax.random.key(seed), graphdef=graphdef,
         max_new_tokens=int(max_new_tokens), eos_ids=eos_ids or (-1,), pad_id=int(pad_id),
         temperature=float(temperature), top_p=float(top_p),
-        cache_dtype=jnp.dtype(cache_dtype or model.compute_dtype),
+        cache_dtype=jnp.dtype(cache_dtype or model.compute_dtype), unstack=bool(unstack_layers),
     )
     return finished(out, steps, eos_ids)
 

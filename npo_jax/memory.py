@@ -22,7 +22,7 @@ import os
 from importlib.metadata import entry_points
 
 # mallopt parameters, from glibc's malloc.h
-_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -3, -4, -8
 
 
 @functools.cache
@@ -33,6 +33,16 @@ def _libc():
     except OSError:
         return None
     return libc if libc is not None and hasattr(libc, "malloc_trim") else None
+
+
+def unmap_large_blocks(threshold: int = 1 << 20) -> bool:
+    """Serve every block of `threshold` bytes or more with its own mmap, unmapped when freed
+    (glibc only): glibc otherwise raises that threshold as large blocks are freed (up to 32 MiB),
+    and blocks under it stay in the heap once freed. For a phase that frees many large
+    temporaries whose memory should go back at once (`npo-jax parity`'s PyTorch backward of a 3B
+    in float32). Returns whether glibc took the setting."""
+    libc = _libc()
+    return libc is not None and hasattr(libc, "mallopt") and libc.mallopt(_M_MMAP_THRESHOLD, threshold) == 1
 
 
 def trim_host_memory() -> None:

@@ -227,8 +227,7 @@ def pytorch(raw: dict, *, batch: int, seq: int, dtype: str, reuse_memory: bool =
     import torch
     import transformers
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from ou_reference import batch_nll, hf_loss, npo_loss
+    from npo_jax.parity.torch_objective import batch_nll, hf_loss, npo_loss
 
     torch.manual_seed(0)
     tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]

@@ -19,6 +19,7 @@ from npo_jax.eval import metrics as m
 from npo_jax.eval.batching import PROMPT_MULTIPLE
 from npo_jax.eval.cli import load_scorer
 from npo_jax.eval.hf_reference import hf_generate, hf_score
+from npo_jax.parity.checks import EVAL_RTOL
 from npo_jax.run_config import load_run_config
 from npo_jax.train import Trainer
 
@@ -53,8 +54,8 @@ def test_per_item_values_match_transformers(trained):
     probs = []
     for i, r in enumerate(rows):
         ref = hf_score(hf, tok, r["question"], r["answer"])
-        np.testing.assert_allclose(ours[i].avg_loss, ref["avg_loss"], rtol=1e-4)
-        np.testing.assert_allclose(ours[i].token_logprobs, ref["token_logprobs"], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(ours[i].avg_loss, ref["avg_loss"], rtol=EVAL_RTOL)
+        np.testing.assert_allclose(ours[i].token_logprobs, ref["token_logprobs"], rtol=EVAL_RTOL, atol=1e-5)
         np.testing.assert_array_equal(ours[i].preds, ref["preds"])
         np.testing.assert_array_equal(ours[i].labels, ref["labels"])
         assert m.extraction_strength(ours[i].preds, ours[i].labels) == m.extraction_strength(ref["preds"],
@@ -64,7 +65,7 @@ def test_per_item_values_match_transformers(trained):
         tr_ref = np.exp(-np.mean(pert)) / (np.exp(-para) + 1e-10)
         tr_ours = np.exp(-np.mean([s.avg_loss for s in ours_pert[5 * i:5 * i + 5]])) / (
             np.exp(-ours_para[i].avg_loss) + 1e-10)
-        np.testing.assert_allclose(tr_ours, tr_ref, rtol=1e-4)
+        np.testing.assert_allclose(tr_ours, tr_ref, rtol=EVAL_RTOL)
         probs.append(np.exp(-ref["avg_loss"]))
     assert np.ptp(probs) > 0.01 and max(probs) > 0.05  # the fine-tuned model is not uniform
 
@@ -111,8 +112,8 @@ def test_prompts_run_once_and_answers_on_their_cache_match_transformers(trained,
             logits = hf(x, attention_mask=(x != eos).long() if quirk else torch.ones_like(x)).logits[0].float()
         ref = _item(logits, labels)
         for ours in (w, s, g):
-            np.testing.assert_allclose(ours.avg_loss, ref["avg_loss"], rtol=1e-4)
-            np.testing.assert_allclose(ours.token_logprobs, ref["token_logprobs"], rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(ours.avg_loss, ref["avg_loss"], rtol=EVAL_RTOL)
+            np.testing.assert_allclose(ours.token_logprobs, ref["token_logprobs"], rtol=EVAL_RTOL, atol=1e-5)
             np.testing.assert_array_equal(ours.preds, ref["preds"])
             np.testing.assert_array_equal(ours.labels, ref["labels"])
         assert u.avg_loss == s.avg_loss
@@ -343,4 +344,4 @@ def test_make_random_hf_gives_the_preset_shape_with_the_folders_tokenizer(traine
     hf = transformers.LlamaForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     pairs = [("Who wrote it?", "Nobody did."), ("Where?", "Here and there, mostly there.")]
     for ours, (q, a) in zip(scorer.score_answers(pairs), pairs, strict=True):
-        np.testing.assert_allclose(ours.avg_loss, hf_score(hf, scorer.tokenizer, q, a)["avg_loss"], rtol=1e-4)
+        np.testing.assert_allclose(ours.avg_loss, hf_score(hf, scorer.tokenizer, q, a)["avg_loss"], rtol=EVAL_RTOL)

@@ -14,7 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("npo_jax", "convert")
-APPLICATION = ("npo_jax.cli", "npo_jax.train", "npo_jax.demo", "npo_jax.sweep")
+APPLICATION = ("npo_jax.cli", "npo_jax.train", "npo_jax.demo", "npo_jax.sweep", "npo_jax.parity_run")
 MAX_CLASS_LINES, MAX_FUNCTION_LINES = 200, 60
 
 

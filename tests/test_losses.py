@@ -7,7 +7,6 @@ import pytest
 import scipy.special
 import torch
 from hf_models import load_hf, make_hf_model, tiny_config
-from ou_reference import batch_nll, hf_loss, kl_retain, npo_loss, simnpo_loss
 
 from npo_jax import logprobs
 from npo_jax.data.batches import group_tokens, pad_examples
@@ -16,11 +15,13 @@ from npo_jax.losses import Objective
 from npo_jax.model import abstract_model, split_params
 from npo_jax.model_io import load_hf_params
 from npo_jax.params import param_specs
+from npo_jax.parity.checks import LOSS_RTOL
+from npo_jax.parity.torch_objective import batch_nll, hf_loss, kl_retain, npo_loss, simnpo_loss
 from npo_jax.reference import reference_logprobs
 from npo_jax.train_step import accumulated_grads
 from npo_jax.tree_paths import get_path
 
-RTOL, ATOL = 1e-4, 1e-6
+RTOL, ATOL = LOSS_RTOL, 1e-6
 
 
 def _examples(seed, n, vocab=256):

@@ -21,8 +21,9 @@ from npo_jax.generate import decode, finished, generate
 from npo_jax.model import KVCache, merge_params
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "eos_ids", "pad_id"))
-def greedy_on_prompts(graphdef, params, prompts, rows, lengths, wanted, *, max_new_tokens, eos_ids, pad_id):
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "eos_ids", "pad_id", "unstack"))
+def greedy_on_prompts(graphdef, params, prompts, rows, lengths, wanted, *, max_new_tokens, eos_ids, pad_id,
+                      unstack=True):
     """Greedy answers decoded from the prompts `rows` of `teacher_forced.prefill_prompts`' output
     (right-padded prompts of `lengths` tokens, positions 0..length-1 as generation gives them);
     rows not `wanted` stay pad."""
@@ -30,7 +31,8 @@ def greedy_on_prompts(graphdef, params, prompts, rows, lengths, wanted, *, max_n
     model = merge_params(graphdef, params)
     cache = KVCache(cache.k[:, rows], cache.v[:, rows])
     return decode(model, cache, mask[rows], model.logits(last_hidden[rows]), lengths, jax.random.key(0), ~wanted,
-                  max_new_tokens=max_new_tokens, eos_ids=eos_ids, pad_id=pad_id, temperature=0.0, top_p=1.0)
+                  max_new_tokens=max_new_tokens, eos_ids=eos_ids, pad_id=pad_id, temperature=0.0, top_p=1.0,
+                  unstack=unstack)
 
 
 def decode_on_prompts(lm: LoadedLM, prompts, rows: list[int], lengths: list[int], n: int, max_new_tokens: int):
@@ -38,7 +40,8 @@ def decode_on_prompts(lm: LoadedLM, prompts, rows: list[int], lengths: list[int]
     prompts are `lengths` tokens long; only the first `n` rows are wanted (the rest start done)."""
     return greedy_on_prompts(lm.graphdef, lm.params, prompts, np.asarray(rows, np.int32),
                              np.asarray(lengths, np.int32), np.arange(len(rows)) < n,
-                             max_new_tokens=max_new_tokens, eos_ids=lm.eos_ids, pad_id=lm.pad_id)
+                             max_new_tokens=max_new_tokens, eos_ids=lm.eos_ids, pad_id=lm.pad_id,
+                             unstack=lm.unstacked_decode)
 
 
 def read_decoded(result, eos_ids, n: int) -> list[np.ndarray]:
@@ -70,7 +73,8 @@ def generate_ids(lm: LoadedLM, prompts: list[np.ndarray], *, batch_size: int, ma
         ids, mask = _left_padded(lm, [prompts[i] for i in padded])
         batch_seed = int(np.random.SeedSequence([seed, b]).generate_state(1)[0]) if temperature > 0 else 0
         gen = generate(lm.graphdef, lm.params, ids, mask, max_new_tokens=max_new_tokens, eos_ids=lm.eos_ids,
-                       pad_id=lm.pad_id, temperature=temperature, top_p=top_p, seed=batch_seed)
+                       pad_id=lm.pad_id, temperature=temperature, top_p=top_p, seed=batch_seed,
+                       unstack_layers=lm.unstacked_decode)
         for row, i in enumerate(idx):
             answers[i] = gen.tokens[row, : gen.lengths[row]]
         if progress is not None:

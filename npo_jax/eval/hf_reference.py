@@ -37,12 +37,13 @@ def _encode(tokenizer, question, answer, system_prompt, date_string):
 
 
 def hf_score_batch(model, tokenizer, pairs, *, batch_size=16, system_prompt="You are a helpful assistant.",
-                   date_string="10 Apr 2025") -> list[dict]:
-    """hf_score for many pairs, right-padded batches as open-unlearning's collator makes them."""
+                   date_string="10 Apr 2025", eot_mask_quirk=False) -> list[dict]:
+    """hf_score for many pairs, right-padded batches as open-unlearning's collator makes them
+    (with `eot_mask_quirk`, its mask `ids != eos` with pad = eos, which hides every <|eot_id|>)."""
     import torch
 
     encoded = [_encode(tokenizer, q, a, system_prompt, date_string) for q, a in pairs]
-    pad = pad_token_id(tokenizer)
+    pad = tokenizer.eos_token_id if eot_mask_quirk else pad_token_id(tokenizer)
     out = []
     for start in range(0, len(encoded), batch_size):
         chunk = encoded[start:start + batch_size]
@@ -52,6 +53,8 @@ def hf_score_batch(model, tokenizer, pairs, *, batch_size=16, system_prompt="You
         for row, (x, _) in enumerate(chunk):
             ids[row, :len(x)] = torch.tensor(x)
             mask[row, :len(x)] = 1
+        if eot_mask_quirk:
+            mask = (ids != tokenizer.eos_token_id).long()
         with torch.no_grad():
             logits = model(ids, attention_mask=mask).logits.float()
         out += [_item(logits[row, :len(x)], labels) for row, (x, labels) in enumerate(chunk)]
@@ -108,24 +111,29 @@ def _cut(new: np.ndarray, eos_ids) -> np.ndarray:
 
 
 def hf_generate_batch(model, tokenizer, questions, *, batch_size=16, max_new_tokens=200, eos_ids=None,
-                      system_prompt="You are a helpful assistant.", date_string="10 Apr 2025") -> list[np.ndarray]:
-    """hf_generate for many questions, left-padded batches as open-unlearning generates."""
+                      system_prompt="You are a helpful assistant.", date_string="10 Apr 2025",
+                      eot_mask_quirk=False) -> list[np.ndarray]:
+    """hf_generate for many questions, left-padded batches as open-unlearning generates (with
+    `eot_mask_quirk`, its mask `ids != eos`)."""
     import torch
 
     eos_ids = list(eos_ids or [tokenizer.eos_token_id])
     prompts = [_ids(tokenizer, _chat(q, None, system_prompt, False), date_string, True) for q in questions]
+    pad = tokenizer.eos_token_id if eot_mask_quirk else eos_ids[0]
     out = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
         width = max(map(len, chunk))
-        ids = torch.full((len(chunk), width), eos_ids[0])
+        ids = torch.full((len(chunk), width), pad)
         mask = torch.zeros((len(chunk), width), dtype=torch.long)
         for row, p in enumerate(chunk):
             ids[row, width - len(p):] = torch.tensor(p)
             mask[row, width - len(p):] = 1
+        if eot_mask_quirk:
+            mask = (ids != tokenizer.eos_token_id).long()
         with torch.no_grad():
             gen = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
-                                 eos_token_id=eos_ids, pad_token_id=eos_ids[0])
+                                 eos_token_id=eos_ids, pad_token_id=pad)
         out += [_cut(gen[row, width:].numpy(), eos_ids) for row in range(len(chunk))]
     return out
 

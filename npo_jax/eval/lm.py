@@ -26,6 +26,9 @@ class LoadedLM:
     tokenizer: object
     fmt: ChatFormat = ChatFormat()
     eot_mask_quirk: bool = False
+    # decoding copies the layers' weights out of their stack once (faster steps); False reads them
+    # in place (no second copy of the layers: `npo-jax parity` on a 3B in float32 on a CPU host)
+    unstacked_decode: bool = True
 
     @property
     def pad_id(self) -> int:

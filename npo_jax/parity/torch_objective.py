@@ -1,5 +1,6 @@
-"""open-unlearning's loss formulas, written in PyTorch for the parity tests (src/trainer/utils.py,
-src/trainer/unlearn/{npo,simnpo,grad_diff}.py). Independent of the JAX code under test."""
+"""open-unlearning's loss formulas in PyTorch (src/trainer/utils.py,
+src/trainer/unlearn/{npo,simnpo,grad_diff}.py): the reference of the loss tests and of
+`npo-jax parity`'s objective check. Independent of the JAX code under test (`npo_jax.losses`)."""
 
 from __future__ import annotations
 
@@ -41,3 +42,28 @@ def kl_retain(model, ref_model, inputs):
     logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
     current = F.log_softmax(logits, dim=-1).view(-1, logits.shape[-1])
     return F.kl_div(current, ref_probs, reduction="batchmean", log_target=True)
+
+
+def objective_terms(model, method: str, forget, retain, *, beta=0.1, alpha=1.0, gamma=1.0, delta=0.0,
+                    retain_loss="NLL") -> dict:
+    """open-unlearning's total loss and its parts for one batch, the model being its own
+    reference (the first step of unlearning): {"loss", "forget_loss"[, "retain_loss"]}, tensors
+    with the graph, so `loss.backward()` gives the gradients. `method` as `npo_jax.losses.Objective`'s."""
+    if method == "finetune":
+        loss = hf_loss(model, forget)
+        return {"loss": loss, "forget_loss": loss}
+    if method == "NPO":
+        with torch.no_grad():
+            ref_nll = batch_nll(model, forget)
+        forget_loss = npo_loss(model, ref_nll, forget, beta)
+    elif method == "SimNPO":
+        forget_loss = simnpo_loss(model, forget, beta, delta)
+    elif method in ("GradAscent", "GradDiff"):
+        forget_loss = -hf_loss(model, forget)
+    else:
+        raise ValueError(f"unknown method {method!r}")
+    out = {"loss": gamma * forget_loss, "forget_loss": forget_loss}
+    if method != "GradAscent":
+        out["retain_loss"] = hf_loss(model, retain) if retain_loss == "NLL" else kl_retain(model, model, retain)
+        out["loss"] = out["loss"] + alpha * out["retain_loss"]
+    return out
