@@ -7,7 +7,8 @@ CPU) on a subset of TOFU, and print the per-metric differences; `--bench` adds w
 Both run the same suite layout (`npo_jax.eval.suite.Suite`); what differs is the compute: our
 jit-compiled, bucketed, chunked scoring and KV-cache generation vs transformers' forward and
 `generate`, each with its own tokenization of the chat. Both use the padding-only attention mask
-(transformers' own), whatever convention the model records.
+(transformers' own), whatever convention the model records, or with `--eot-mask-quirk`
+open-unlearning's (how `npo-jax eval` scores an HF release, which has no record).
 
 `--bench` times warm suites in turns: after each side's first run (ours compiles then), `--rounds`
 rounds of one warm run each, the order swapped every round, so drift in the machine's speed (15-25%
@@ -55,6 +56,7 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=20, help="items per split")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--max-new-tokens", type=int, default=200)
+    ap.add_argument("--eot-mask-quirk", action="store_true", help="open-unlearning's attention mask on both sides")
     ap.add_argument("--bench", action="store_true", help="time both suites: first runs, then warm runs in turns")
     ap.add_argument("--rounds", type=int, default=3, help="with --bench: warm runs of each suite, in turns")
     args = ap.parse_args()
@@ -66,10 +68,10 @@ def main() -> None:
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     scorer = load_scorer(args.model, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                         eot_mask_quirk=False)  # the mask TorchScorer uses
+                         eot_mask_quirk=args.eot_mask_quirk)
     hf = transformers.LlamaForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
     torch_scorer = TorchScorer(hf, scorer.tokenizer, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                               eos_ids=scorer.lm.eos_ids)
+                               eos_ids=scorer.lm.eos_ids, eot_mask_quirk=args.eot_mask_quirk)
     kw = dict(data_dir=args.data_dir, tfds_dir=args.tfds_dir, forget_split=args.forget_split,
               holdout_split=args.holdout_split, limit=args.limit, progress=False)
 

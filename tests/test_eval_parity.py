@@ -208,9 +208,11 @@ def scorer_config_eos(scorer):
     return merge_params(scorer.lm.graphdef, scorer.lm.params).config.eos_token_ids
 
 
-def test_eval_parity_script_runs_both_scorers(trained):
+@pytest.mark.parametrize("quirk", [False, True])
+def test_eval_parity_script_runs_both_scorers(trained, quirk):
     """scripts/eval_parity.py: the suite on the JAX and the transformers scorer, the per-metric
-    differences (small: same model, float32) and, with --bench, each scorer's phases."""
+    differences (small: same model, float32) and, with --bench, each scorer's phases; with
+    --eot-mask-quirk both sides use open-unlearning's mask."""
     import subprocess
     import sys
     from pathlib import Path
@@ -219,7 +221,8 @@ def test_eval_parity_script_runs_both_scorers(trained):
     script = Path(__file__).resolve().parents[1] / "scripts" / "eval_parity.py"
     out = subprocess.run([sys.executable, str(script), str(hf_dir), "--data-dir", str(data), "--tfds-dir",
                           str(root / "tfds"), "--limit", "3", "--max-new-tokens", "8", "--batch-size", "8",
-                          "--bench", "--rounds", "1"], check=True, capture_output=True, text=True).stdout
+                          "--bench", "--rounds", "1", *(["--eot-mask-quirk"] if quirk else [])],
+                         check=True, capture_output=True, text=True).stdout
     rows = [line.split() for line in out.splitlines() if line.startswith(("forget_", "retain_", "ra_", "wf_"))]
     assert len(rows) >= 12 and all(float(r[3]) < 1e-4 for r in rows), out
     assert "identical generations: " in out and "speed-up (transformers / jax" in out
@@ -268,10 +271,10 @@ def test_eval_from_a_training_run_folder(trained, capsys):
 
 
 def test_rouge_items_use_recall_of_the_ground_truth():
-    from npo_jax.eval.suite import _rouge_items
+    from npo_jax.eval.suite import rouge_items
 
     rows = [{"question": "q", "answer": "Author0 was born in Lima."}]
-    items = _rouge_items(rows, ["Author0 was born somewhere."])
+    items = rouge_items(rows, ["Author0 was born somewhere."])
     # longest common subsequence "author0 was born" = 3 of the reference's 5 tokens
     assert items["0"]["rougeL_recall"] == pytest.approx(3 / 5)
     assert items["0"]["rouge1_recall"] == pytest.approx(3 / 5)

@@ -142,11 +142,11 @@ class TorchScorer:
     """The transformers counterpart of `npo_jax.eval.scoring.Scorer`: a `SuiteScorer`, so the TOFU
     suite can run on either for the parity tool and benchmark (scoring, then generation)."""
 
-    def __init__(self, model, tokenizer, *, batch_size=16, max_new_tokens=200, eos_ids=None):
+    def __init__(self, model, tokenizer, *, batch_size=16, max_new_tokens=200, eos_ids=None, eot_mask_quirk=False):
         self.model, self.tokenizer = model, tokenizer
         self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
         self.eos_ids = sorted(set(eos_ids or []) | {tokenizer.eos_token_id})
-        self.eot_mask_quirk = False  # transformers' own masks: padding only
+        self.eot_mask_quirk = eot_mask_quirk  # False: transformers' own masks, padding only
 
     def score_and_generate(self, pairs, questions, progress=None, timings=None):
         """`score_answers(pairs)`, then `generate_answers(questions)`, each timed."""
@@ -159,7 +159,8 @@ class TorchScorer:
         return scored, answers
 
     def score_answers(self, pairs, progress=None):
-        items = hf_score_batch(self.model, self.tokenizer, pairs, batch_size=self.batch_size)
+        items = hf_score_batch(self.model, self.tokenizer, pairs, batch_size=self.batch_size,
+                               eot_mask_quirk=self.eot_mask_quirk)
         if progress is not None:
             progress.update(len(pairs))
         return [Scored(d["avg_loss"], d["token_logprobs"], d["preds"], d["labels"]) for d in items]
@@ -167,7 +168,8 @@ class TorchScorer:
     def generate_answers(self, questions, progress=None):
         """Greedy answers decoded with special tokens skipped, cut at eos, stripped."""
         tokens = hf_generate_batch(self.model, self.tokenizer, questions, batch_size=self.batch_size,
-                                   max_new_tokens=self.max_new_tokens, eos_ids=self.eos_ids)
+                                   max_new_tokens=self.max_new_tokens, eos_ids=self.eos_ids,
+                                   eot_mask_quirk=self.eot_mask_quirk)
         if progress is not None:
             progress.update(len(questions))
         return [self.tokenizer.decode(t, skip_special_tokens=True).strip() for t in tokens]

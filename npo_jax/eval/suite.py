@@ -25,16 +25,19 @@ from npo_jax.mask_convention import check_retain_log, mark_log
 ROUGE_TYPES = ("rouge1", "rougeL")
 
 
-def _prob_items(scored) -> dict:
+def prob_items(scored) -> dict:
+    """open-unlearning's per-item probability entries (`value_by_index`) of scored answers."""
     return {str(i): {"prob": float(np.exp(-s.avg_loss)), "avg_loss": s.avg_loss} for i, s in enumerate(scored)}
 
 
-def _multi_prob_items(scored_lists) -> dict:
+def multi_prob_items(scored_lists) -> dict:
+    """The same for items with several answers each (perturbed answers)."""
     return {str(i): {"prob": [float(np.exp(-s.avg_loss)) for s in group], "avg_loss": [s.avg_loss for s in group]}
             for i, group in enumerate(scored_lists)}
 
 
-def _rouge_items(rows, answers) -> dict:
+def rouge_items(rows, answers) -> dict:
+    """open-unlearning's per-item ROUGE entries: generated answers against the rows' ground truth."""
     from rouge_score import rouge_scorer
 
     rouge = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
@@ -47,7 +50,7 @@ def _rouge_items(rows, answers) -> dict:
     return out
 
 
-def _split(flat: list, groups):
+def split_flat(flat: list, groups):
     """Cut `flat` back into consecutive pieces as long as each group (a dict of lists or a list of
     lists) was when it was flattened; a dict comes back as a dict with the same keys."""
     items = groups.items() if isinstance(groups, dict) else enumerate(groups)
@@ -85,7 +88,7 @@ class Suite:
         questions = [r["question"] for rows in splits.values() for r in rows]
         with self._bar("scoring and generation", len(flat) + len(questions)) as bar:
             scored, answers = self.scorer.score_and_generate(flat, questions, bar, self.timings)
-        return _split(scored, requests), _split(answers, splits)
+        return split_flat(scored, requests), split_flat(answers, splits)
 
     def per_item(self) -> dict:
         prefixes = ("forget", "retain", "ra", "wf")
@@ -104,12 +107,12 @@ class Suite:
         for prefix in prefixes:
             rows = self.rows[prefix]
             answers = scored[f"{prefix}_Q_A_Prob"]
-            out[f"{prefix}_Q_A_Prob"] = _prob_items(answers)
+            out[f"{prefix}_Q_A_Prob"] = prob_items(answers)
             if prefix in ("forget", "retain"):
-                out[f"{prefix}_Q_A_PARA_Prob"] = _prob_items(scored[f"{prefix}_Q_A_PARA_Prob"])
-            groups = _split(scored[f"{prefix}_Q_A_PERT_Prob"], [r["perturbed_answer"] for r in rows])
-            out[f"{prefix}_Q_A_PERT_Prob"] = _multi_prob_items(groups)
-            out[f"{prefix}_Q_A_ROUGE"] = _rouge_items(rows, generated[prefix])
+                out[f"{prefix}_Q_A_PARA_Prob"] = prob_items(scored[f"{prefix}_Q_A_PARA_Prob"])
+            groups = split_flat(scored[f"{prefix}_Q_A_PERT_Prob"], [r["perturbed_answer"] for r in rows])
+            out[f"{prefix}_Q_A_PERT_Prob"] = multi_prob_items(groups)
+            out[f"{prefix}_Q_A_ROUGE"] = rouge_items(rows, generated[prefix])
             if prefix == "forget":
                 out["extraction_strength"] = {str(i): {"score": m.extraction_strength(s.preds, s.labels)}
                                               for i, s in enumerate(answers)}

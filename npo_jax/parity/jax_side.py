@@ -26,7 +26,7 @@ from npo_jax.eval import generation
 from npo_jax.eval import metrics as m
 from npo_jax.eval.lm import LoadedLM
 from npo_jax.eval.scoring import Scorer
-from npo_jax.eval.suite import _multi_prob_items, _prob_items, _rouge_items, _split
+from npo_jax.eval.suite import multi_prob_items, prob_items, rouge_items, split_flat
 from npo_jax.losses import Objective, objective_loss
 from npo_jax.memory import trim_host_memory
 from npo_jax.model import abstract_model, merge_params, split_params
@@ -150,10 +150,10 @@ def evaluation(lm: LoadedLM, items: Items, settings: Settings) -> dict[str, list
 def per_item_values(items: Items, scored: list, n_wrong: list[int], texts: list[str]) -> dict[str, list]:
     """Probability, truth ratio (paraphrase against perturbed answers) and ROUGE-L recall per item."""
     n = len(items.rows)
-    answer, para = _prob_items(scored[:n]), _prob_items(scored[n:2 * n])
-    wrong = _multi_prob_items(_split(scored[2 * n:], [[0] * k for k in n_wrong]))
+    answer, para = prob_items(scored[:n]), prob_items(scored[n:2 * n])
+    wrong = multi_prob_items(split_flat(scored[2 * n:], [[0] * k for k in n_wrong]))
     ratios = m.truth_ratios(para, wrong)
-    rouge = _rouge_items(items.rows, texts)
+    rouge = rouge_items(items.rows, texts)
     keys = [str(i) for i in range(n)]
     return {"prob": [answer[k]["prob"] for k in keys], "truth_ratio": [ratios[k]["score"] for k in keys],
             "rougeL_recall": [rouge[k]["rougeL_recall"] for k in keys], "texts": texts}
