@@ -298,7 +298,7 @@ def test_params_checkpoint_loads_without_absl_warnings(hf_dir, tmp_path, caplog)
 
 def test_resume_with_another_model_size_prints_only_the_message(tmp_path):
     """The error comes from the checkpoint's metadata, before Orbax starts reads that would fail
-    (their background tasks used to print tracebacks after the message, as the process exited)."""
+    (their background tasks would print tracebacks after the message, as the process exits)."""
     from tofu_fixture import make_mini_tofu, make_tiny_model_with_tokenizer
 
     from npo_jax.run_config import load_run_config

@@ -67,7 +67,7 @@ def test_seed_sibling_recipes(name, lr, alpha, epochs):
 @pytest.mark.parametrize("path", RUN_CONFIGS, ids=lambda p: p.name)
 def test_tofu_configs_run_as_open_unlearning(path):
     """Loss groups of 4, HF Trainer's epochs and (unlearning) a fresh retain partner each epoch;
-    the schema's defaults keep the earlier behaviour."""
+    the schema's defaults are npo-jax's own (drop, fixed)."""
     cfg = load_run_config(path)
     assert (cfg.optim.loss_group, cfg.optim.epoch_mode) == (4, "stream")
     if "unlearn" in path.parts:
