@@ -203,14 +203,9 @@ class StepPlan:
         return step * self.effective_batch // self.n_items
 
 
-def partner_indices(pairing, items: np.ndarray, epochs: np.ndarray) -> np.ndarray:
-    """The retain partners of `items` under a `RetainPairing` or a fixed (n_forget,) index array."""
-    return pairing.partners(items, epochs) if isinstance(pairing, RetainPairing) else pairing[items]
-
-
 def step_batch(plan: StepPlan, step: int, forget: list[Example], *, buckets: list[int], pad_id: int,
                eot_id: int | None, eot_mask_quirk: bool, retain: list[Example] | None = None,
-               pairing: RetainPairing | np.ndarray | None = None, ref_logp: np.ndarray | None = None,
+               pairing: RetainPairing | None = None, ref_logp: np.ndarray | None = None,
                rows: np.ndarray | None = None, loss_group: int | None = None) -> dict:
     """Host arrays for one optimizer step: {"forget": {...}, "retain": {...}, "forget_ref_logp"}.
 
@@ -220,7 +215,7 @@ def step_batch(plan: StepPlan, step: int, forget: list[Example], *, buckets: lis
     """
     epochs, idx = plan.positions(step)
     chosen = [forget[i] for i in idx]
-    partners = [retain[j] for j in partner_indices(pairing, idx, epochs)] if retain is not None else []
+    partners = [retain[j] for j in pairing.partners(idx, epochs)] if retain is not None else []
     length = bucket_length(max(len(e.input_ids) for e in chosen + partners), buckets)
     width = label_width(chosen + partners, length)  # the whole step's, like the length
     tokens = {}

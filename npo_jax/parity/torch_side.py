@@ -19,6 +19,7 @@ import numpy as np
 
 from npo_jax.eval.hf_reference import hf_generate_batch, hf_score_batch
 from npo_jax.eval.protocol import Scored
+from npo_jax.losses import Objective
 from npo_jax.memory import unmap_large_blocks
 from npo_jax.parity.checks import (
     EVAL_RTOL,
@@ -188,7 +189,7 @@ def objective_checks(model, items: Items, tokenizer, settings: Settings, ours: J
     host = items.objective_batch(tokenizer, s)
     forget, retain = _torch_group(host["forget"]), _torch_group(host["retain"])
     norm = GradNorm(model)
-    norm.together(forget, retain)
+    norm.together(forget, *([retain] if Objective(s.method).uses_retain else []))  # the batches it differentiates
     disable = _enable_checkpointing(model)
     model.train()  # checkpointing is active in training mode only; Llama has no dropout
     try:
