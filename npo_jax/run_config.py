@@ -59,6 +59,8 @@ class DataConfig:
     # saw it); false: padding only; null: the model's recorded convention, open-unlearning's for a
     # model without a record (npo_jax.mask_convention)
     eot_mask_quirk: bool | None = None
+    # DPO's "I don't know" answers, one per line (TOFU's idontknow.jsonl); open-unlearning's idk_path
+    idk_path: str | None = None
 
 
 @dataclass
@@ -218,6 +220,9 @@ def _resolve_method(cfg: RunConfig, given, where: str) -> None:
     for key, default in hparams.items():
         if key not in given:
             setattr(cfg.method, key, default)
+    if "alternate" in methods.get(cfg.method.name).FORGET_GROUPS and cfg.data.idk_path is None:
+        raise NpoJaxError(f"{where}: method.name={cfg.method.name} needs data.idk_path (the refusals, one per "
+                          "line: TOFU's idontknow.jsonl)")
 
 
 def _check_values(cfg: RunConfig, where: str) -> None:

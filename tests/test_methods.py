@@ -13,15 +13,18 @@ import pytest
 import torch
 from conftest import SHARED
 from hf_models import load_hf, make_hf_model, tiny_config
+from tofu_fixture import make_mini_tofu, make_tiny_model_with_tokenizer
 
-from npo_jax.data.batches import pad_examples
-from npo_jax.data.tokenize import IGNORE, Example
+from npo_jax.data.batches import StepPlan, label_width, pad_examples, step_batch
+from npo_jax.data.refusals import Refusals, load_refusals
+from npo_jax.data.tokenize import IGNORE, ChatFormat, Example, load_tokenizer
 from npo_jax.errors import NpoJaxError
 from npo_jax.losses import Objective
 from npo_jax.model import abstract_model, split_params
 from npo_jax.model_io import load_hf_params
 from npo_jax.params import param_specs
 from npo_jax.run_config import load_run_config
+from npo_jax.train import Trainer
 from npo_jax.train_step import accumulated_grads
 from npo_jax.tree_paths import get_path
 
@@ -133,16 +136,19 @@ CASES = [  # (method name, hyperparameters beyond the defaults)
     ("GradAscent", {}),
     ("GradDiff", {"alpha": 2.0, "gamma": 0.7, "retain_loss": "NLL"}),
     ("GradDiff", {"alpha": 2.0, "gamma": 0.7, "retain_loss": "KL"}),
+    ("DPO", {"beta": 0.3, "alpha": 2.0, "gamma": 0.7, "retain_loss": "NLL"}),
+    ("DPO", {"beta": 0.3, "alpha": 2.0, "gamma": 0.7, "retain_loss": "KL"}),
 ]
 
 
 @pytest.mark.parametrize("name,hparams", CASES, ids=[f"{n}-{h.get('retain_loss', '')}" for n, h in CASES])
 def test_loss_and_grads_match_open_unlearning_trainer(models, ou_trainers, name, hparams, capsys):
     folder, ref_folder = models
-    forget = examples(0, 4)
-    batch = {"forget": pad_examples(forget, 24, pad_id=0), "retain": pad_examples(examples(1, 4), 24, pad_id=0)}
-    if name == "DPO":
-        batch["alternate"] = pad_examples(examples(2, 4, prompts=forget), 24, pad_id=0)
+    groups = {"forget": examples(0, 4), "retain": examples(1, 4)}
+    if name == "DPO":  # the "win": the same questions with other answers
+        groups["alternate"] = examples(2, 4, prompts=groups["forget"])
+    width = label_width(sum(groups.values(), []), 24)
+    batch = {k: pad_examples(v, 24, pad_id=0, width=width) for k, v in groups.items()}
     obj = Objective(name, **hparams)
     hf, ref = load_hf(folder), load_hf(ref_folder)
     want = _open_unlearning(ou_trainers[name], {k: v for k, v in hparams.items() if k != "reference"}, hf, ref, batch)
@@ -150,7 +156,7 @@ def test_loss_and_grads_match_open_unlearning_trainer(models, ou_trainers, name,
     np.testing.assert_allclose(loss, want, rtol=RTOL)
     worst = _grad_differences(cfg, grads, hf)
     with capsys.disabled():
-        print(f"\n{name} {hparams}: loss rel diff {abs(loss - want) / abs(want):.2e}, "
+        print(f"\n{name} {hparams}: loss {want:.6f}, rel diff {abs(loss - want) / abs(want):.2e}, "
               f"max grad rel diff {max(worst.values()):.2e}")
 
 
@@ -175,3 +181,61 @@ def test_unset_hyperparameters_take_the_methods_defaults():
 def test_a_key_the_method_does_not_read_is_an_error(overrides, key):
     with pytest.raises(NpoJaxError, match=f"{key} is not a hyperparameter of method.name="):
         _method(*overrides)
+
+
+def test_dpo_needs_refusals_and_idkdpo_is_dpo():
+    with pytest.raises(NpoJaxError, match="method.name=DPO needs data.idk_path"):
+        _method("method.name=DPO")
+    m = _method("method.name=IdkDPO", "data.idk_path=idk.jsonl")
+    assert (m.beta, m.alpha, m.gamma, m.retain_loss) == (0.1, 1.0, 1.0, "NLL")
+    assert Objective("IdkDPO").module is Objective("DPO").module
+    with pytest.raises(NpoJaxError, match="method.reference is not a hyperparameter of method.name=DPO"):
+        _method("method.name=DPO", "data.idk_path=idk.jsonl", "method.reference=live")
+
+
+@pytest.fixture(scope="module")
+def mini(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mini")
+    data = make_mini_tofu(root)
+    (root / "idk.jsonl").write_text("I don't know.\n  That is beyond me.  \n\nNo idea, sorry.\n")
+    return root, data, make_tiny_model_with_tokenizer(root, data)
+
+
+def test_each_forget_item_gets_a_refusal_drawn_per_epoch(mini):
+    """The "alternate" rows: each forget question with a refusal from data.idk_path, drawn anew
+    for each epoch, the same on a rerun; padded like the rest of the step."""
+    root, _, model = mini
+    answers = load_refusals(root / "idk.jsonl")
+    assert answers == ["I don't know.", "That is beyond me.", "No idea, sorry."]
+    tok, fmt = load_tokenizer(model), ChatFormat()
+    questions = [f"question {i}?" for i in range(40)]
+    refusals = Refusals(questions, answers, tok, fmt, 128, seed=3)
+    items, zeros = np.arange(40), np.zeros(40, np.int64)
+    first, again = refusals.choice(items, zeros), refusals.choice(items, zeros)
+    second = refusals.choice(items, zeros + 1)
+    assert np.array_equal(first, again) and not np.array_equal(first, second) and set(first) == {0, 1, 2}
+    forget = [ex for ex in Refusals(questions, ["a real answer"] * 3, tok, fmt, 128, 0).examples(items, zeros)]
+    batch = step_batch(StepPlan(40, 8, 2, 0), 5, forget, buckets=[64, 128], pad_id=0, eot_id=None,
+                       eot_mask_quirk=False, alternate=refusals)
+    epochs, idx = StepPlan(40, 8, 2, 0).positions(5)
+    want = refusals.examples(idx, epochs)
+    assert batch["alternate"]["input_ids"].shape == batch["forget"]["input_ids"].shape
+    for row, ex in enumerate(want):
+        assert np.array_equal(batch["alternate"]["input_ids"][row, :len(ex.input_ids)], ex.input_ids)
+        prompt = ex.labels == IGNORE
+        assert np.array_equal(ex.input_ids[prompt], forget[idx[row]].input_ids[forget[idx[row]].labels == IGNORE])
+    with pytest.raises(NpoJaxError, match="data.idk_path"):
+        load_refusals(root / "missing.jsonl")
+
+
+def test_dpo_run_trains_with_a_live_reference(mini, tmp_path):
+    root, data, model = mini
+    cfg = load_run_config(None, [
+        f"model.path={model}", f"data.dir={data}", f"cache_dir={root}/cache", f"output_dir={tmp_path / 'out'}",
+        "data.max_length=128", "data.length_buckets=[96,128]", "optim.effective_batch=8", "optim.per_device_batch=1",
+        "optim.epochs=1", "checkpoint.export_hf=false", "method.name=DPO", f"data.idk_path={root / 'idk.jsonl'}"])
+    trainer = Trainer(cfg, "unlearn", progress=False, max_steps=2)
+    assert trainer.ref_params is not None and trainer.ref_logp is None
+    trainer.train()
+    metrics = (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
+    assert len(metrics) == 2 and "nan" not in metrics[0].lower()

@@ -18,7 +18,8 @@ from types import ModuleType
 from npo_jax.errors import NpoJaxError
 
 # open-unlearning trainer name -> module under npo_jax.methods
-REGISTRY = {"NPO": "npo", "SimNPO": "simnpo", "GradAscent": "grad_ascent", "GradDiff": "grad_diff"}
+REGISTRY = {"NPO": "npo", "SimNPO": "simnpo", "GradAscent": "grad_ascent", "GradDiff": "grad_diff", "DPO": "dpo",
+            "IdkDPO": "dpo"}  # IdkDPO: open-unlearning's name for DPO on TOFU's refusals (docs/repro.md)
 NAMES = tuple(REGISTRY)
 FINETUNE = "finetune"  # the `npo-jax finetune` objective: a module, not a method.name
 
