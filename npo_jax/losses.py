@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from npo_jax import methods
-from npo_jax.logprobs import kl_to_reference, sequence_logprob
+from npo_jax.logprobs import kl_to_reference, token_logprobs
 from npo_jax.methods.common import Scored, per_unit, token_mean_nll
 from npo_jax.model import train_hidden
 
@@ -49,12 +49,15 @@ class Objective(NamedTuple):
     delta: float = 0.0
     retain_loss: str = "NLL"  # NLL | KL
     reference: str = "cached"  # cached | live
+    beta1: float = 5.0  # SatImp
+    beta2: float = 1.0  # SatImp
 
     @classmethod
     def from_config(cls, method) -> Objective:
         """The unlearning objective of a `run_config.MethodConfig`."""
         return cls(method.name, beta=method.beta, alpha=method.alpha, gamma=method.gamma, delta=method.delta,
-                   retain_loss=method.retain_loss, reference=method.reference)
+                   retain_loss=method.retain_loss, reference=method.reference, beta1=method.beta1,
+                   beta2=method.beta2)
 
     @classmethod
     def finetune(cls) -> Objective:
@@ -96,11 +99,12 @@ def _positions(groups):
 
 
 def _label_logprobs(model, hidden, groups: list[dict]):
-    """Summed label log-probs and labelled-token counts of `groups`, the first rows of `hidden`,
-    in one LM-head pass (one larger matmul)."""
+    """Per-token label log-probs (0 where not labelled) and labelled-token counts of `groups`, the
+    first rows of `hidden`, in one LM-head pass (one larger matmul)."""
     rows = sum(g["input_ids"].shape[0] for g in groups)
-    return sequence_logprob(model.logits, hidden[:rows], jnp.concatenate([g["labels"] for g in groups]),
-                            positions=_positions(groups))
+    logp, mask = token_logprobs(model.logits, hidden[:rows], jnp.concatenate([g["labels"] for g in groups]),
+                                positions=_positions(groups))
+    return logp, mask.sum(-1)
 
 
 def _reference_logprobs(ref_model, batch: dict, obj: Objective, names) -> dict:
@@ -113,8 +117,7 @@ def _reference_logprobs(ref_model, batch: dict, obj: Objective, names) -> dict:
     groups = [batch[k] for k in names]
     ref_h = train_hidden(ref_model, jnp.concatenate([g["input_ids"] for g in groups]),
                          jnp.concatenate([g["attention_mask"] for g in groups]))
-    lp, _ = _label_logprobs(ref_model, ref_h, groups)
-    lp = jax.lax.stop_gradient(lp)
+    lp = jax.lax.stop_gradient(_label_logprobs(ref_model, ref_h, groups)[0].sum(-1))
     n = groups[0]["input_ids"].shape[0]
     return {k: lp[i * n:(i + 1) * n] for i, k in enumerate(names)}
 
@@ -137,11 +140,13 @@ def objective_loss(model, ref_model, batch: dict, obj: Objective, units: int, sp
 
     # the groups that need label log-probs share one LM-head pass
     scored = names if method.RETAIN and obj.retain_loss == "NLL" else list(method.FORGET_GROUPS)
-    lp, nt = _label_logprobs(model, hidden, [batch[k] for k in scored])
+    tlp, nt = _label_logprobs(model, hidden, [batch[k] for k in scored])
+    lp = tlp.sum(-1)
     split = {k: slice(i * n, (i + 1) * n) for i, k in enumerate(scored)}
     s = Scored({k: lp[split[k]] for k in scored}, {k: nt[split[k]] for k in scored},
                {k: batch[k].get("group_tokens") for k in scored},
-               _reference_logprobs(ref_model, batch, obj, method.REFERENCE_GROUPS), units, span)
+               _reference_logprobs(ref_model, batch, obj, method.REFERENCE_GROUPS), units, span,
+               {k: tlp[split[k]] for k in scored})
     forget_loss = method.forget_loss(s, obj)
     aux = {"forget_loss": forget_loss}
     if not method.RETAIN:

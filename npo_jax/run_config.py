@@ -76,6 +76,8 @@ class MethodConfig:
     delta: float = 0.0  # SimNPO margin
     retain_loss: Literal["NLL", "KL"] = "NLL"  # open-unlearning's retain_loss_type
     reference: Literal["cached", "live"] = "cached"  # cached (forget log-probs computed once) | live (frozen copy)
+    beta1: float = 5.0  # SatImp: the saturation weight's exponent
+    beta2: float = 1.0  # SatImp: the importance weight's exponent
 
 
 @dataclass
@@ -154,6 +156,8 @@ RANGES = {
     "method.alpha": (0, None),
     "method.gamma": (0, None),
     "method.delta": (None, None),
+    "method.beta1": (0, None),
+    "method.beta2": (0, None),
     "optim.lr": ({0}, None),
     "optim.epochs": (1, None),
     "optim.warmup_epochs": (0, None),

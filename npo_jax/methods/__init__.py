@@ -17,9 +17,10 @@ from types import ModuleType
 
 from npo_jax.errors import NpoJaxError
 
-# open-unlearning trainer name -> module under npo_jax.methods
+# open-unlearning trainer name -> module under npo_jax.methods; IdkDPO: open-unlearning's name
+# for DPO on TOFU's refusals (docs/repro.md)
 REGISTRY = {"NPO": "npo", "SimNPO": "simnpo", "GradAscent": "grad_ascent", "GradDiff": "grad_diff", "DPO": "dpo",
-            "IdkDPO": "dpo"}  # IdkDPO: open-unlearning's name for DPO on TOFU's refusals (docs/repro.md)
+            "IdkDPO": "dpo", "WGA": "wga", "SatImp": "satimp"}
 NAMES = tuple(REGISTRY)
 FINETUNE = "finetune"  # the `npo-jax finetune` objective: a module, not a method.name
 

@@ -21,6 +21,7 @@ class Scored(NamedTuple):
     ref_logp: dict  # group -> the frozen reference's summed log-prob (no gradient), REFERENCE_GROUPS only
     units: int
     span: int
+    token_logp: dict  # group -> (n, W) log-prob of each scored position's label, 0 where not labelled
 
 
 def per_unit(x, units: int):
@@ -39,6 +40,13 @@ def token_mean_nll(logp_sum, n_tokens, units, span=1, group_tokens=None):
 def group_nll(s: Scored, group: str):
     """The token-mean NLL of one batch group, per unit."""
     return token_mean_nll(s.logp[group], s.n_tokens[group], s.units, s.span, s.group_tokens[group])
+
+
+def weighted_token_mean(s: Scored, group: str, weights):
+    """Token mean over the loss group of weights * log p(label) (weights (n, W), no gradient): a
+    token-weighted gradient ascent; weights 1 give -NLL. Loss groups as `token_mean_nll`'s."""
+    weighted = jnp.sum(weights * s.token_logp[group], axis=-1)
+    return -token_mean_nll(weighted, s.n_tokens[group], s.units, s.span, s.group_tokens[group])
 
 
 def preference_loss(s: Scored, beta: float, win: str | None, lose: str):
