@@ -51,13 +51,14 @@ class Objective(NamedTuple):
     reference: str = "cached"  # cached | live
     beta1: float = 5.0  # SatImp
     beta2: float = 1.0  # SatImp
+    ignore_first_n_answer_tokens: int = 1  # CEU
 
     @classmethod
     def from_config(cls, method) -> Objective:
         """The unlearning objective of a `run_config.MethodConfig`."""
         return cls(method.name, beta=method.beta, alpha=method.alpha, gamma=method.gamma, delta=method.delta,
                    retain_loss=method.retain_loss, reference=method.reference, beta1=method.beta1,
-                   beta2=method.beta2)
+                   beta2=method.beta2, ignore_first_n_answer_tokens=method.ignore_first_n_answer_tokens)
 
     @classmethod
     def finetune(cls) -> Objective:
@@ -143,10 +144,15 @@ def objective_loss(model, ref_model, batch: dict, obj: Objective, units: int, sp
     tlp, nt = _label_logprobs(model, hidden, [batch[k] for k in scored])
     lp = tlp.sum(-1)
     split = {k: slice(i * n, (i + 1) * n) for i, k in enumerate(scored)}
+
+    def per_token(group, fn):
+        g = batch[group]
+        return fn(model.logits, hidden[names.index(group) * n:][:n], g["labels"], positions=g.get("label_positions"))
+
     s = Scored({k: lp[split[k]] for k in scored}, {k: nt[split[k]] for k in scored},
                {k: batch[k].get("group_tokens") for k in scored},
                _reference_logprobs(ref_model, batch, obj, method.REFERENCE_GROUPS), units, span,
-               {k: tlp[split[k]] for k in scored})
+               {k: tlp[split[k]] for k in scored}, batch, per_token)
     forget_loss = method.forget_loss(s, obj)
     aux = {"forget_loss": forget_loss}
     if not method.RETAIN:

@@ -78,6 +78,7 @@ class MethodConfig:
     reference: Literal["cached", "live"] = "cached"  # cached (forget log-probs computed once) | live (frozen copy)
     beta1: float = 5.0  # SatImp: the saturation weight's exponent
     beta2: float = 1.0  # SatImp: the importance weight's exponent
+    ignore_first_n_answer_tokens: int = 1  # CEU: labelled tokens of each row left out of the loss
 
 
 @dataclass
@@ -158,6 +159,7 @@ RANGES = {
     "method.delta": (None, None),
     "method.beta1": (0, None),
     "method.beta2": (0, None),
+    "method.ignore_first_n_answer_tokens": (0, None),
     "optim.lr": ({0}, None),
     "optim.epochs": (1, None),
     "optim.warmup_epochs": (0, None),

@@ -118,15 +118,16 @@ def _ours(folder, ref_folder, obj, batch):
     return cfg, float(loss), grads
 
 
-def _grad_differences(cfg, grads, hf):
-    """Per HF parameter: max |ours - open-unlearning's| / max |open-unlearning's|, asserting rtol."""
+def _grad_differences(cfg, grads, hf, floor=1e-6):
+    """Per HF parameter: max |ours - open-unlearning's| / max |open-unlearning's|, asserting rtol
+    (with an absolute floor of `floor` x the largest entry, for entries near zero)."""
     named, worst = dict(hf.named_parameters()), {}
     for spec in param_specs(cfg):
         ours = np.asarray(get_path(grads, spec.path))
         for i, name in enumerate(spec.hf_names(cfg.num_hidden_layers)):
             g = spec.to_hf(ours[i] if spec.stacked else ours)
             ref = named[name].grad.numpy()
-            np.testing.assert_allclose(g, ref, rtol=RTOL, atol=1e-6 * np.abs(ref).max() + 1e-9, err_msg=name)
+            np.testing.assert_allclose(g, ref, rtol=RTOL, atol=floor * np.abs(ref).max() + 1e-9, err_msg=name)
             worst[name] = float(np.abs(g - ref).max() / np.abs(ref).max())
     return worst
 
@@ -146,10 +147,16 @@ CASES = [  # (method name, hyperparameters beyond the defaults)
     ("WGA", {"beta": 0.3, "alpha": 0.5, "gamma": 1.5, "retain_loss": "KL"}),
     ("SatImp", {"beta1": 0.2, "beta2": 1.5, "alpha": 2.0, "gamma": 0.7, "retain_loss": "NLL"}),
     ("SatImp", {"beta1": 0.1, "beta2": 1.0, "alpha": 0.3, "gamma": 1.5, "retain_loss": "KL"}),
+    ("CEU", {"ignore_first_n_answer_tokens": 1}),
+    ("CEU", {"ignore_first_n_answer_tokens": 3}),
+    ("CEU", {"ignore_first_n_answer_tokens": 0}),
 ]
 
 
-@pytest.mark.parametrize("name,hparams", CASES, ids=[f"{n}-{h.get('retain_loss', '')}" for n, h in CASES])
+IDS = [f"{n}-{h.get('retain_loss', h.get('ignore_first_n_answer_tokens', ''))}" for n, h in CASES]
+
+
+@pytest.mark.parametrize("name,hparams", CASES, ids=IDS)
 def test_loss_and_grads_match_open_unlearning_trainer(models, ou_trainers, name, hparams, capsys):
     folder, ref_folder = models
     groups = {"forget": examples(0, 4), "retain": examples(1, 4)}
@@ -162,7 +169,9 @@ def test_loss_and_grads_match_open_unlearning_trainer(models, ou_trainers, name,
     want = _open_unlearning(ou_trainers[name], {k: v for k, v in hparams.items() if k != "reference"}, hf, ref, batch)
     cfg, loss, grads = _ours(folder, ref_folder, obj, batch)
     np.testing.assert_allclose(loss, want, rtol=RTOL)
-    worst = _grad_differences(cfg, grads, hf)
+    # CE-U's gradient is softmax(z) - q, two near-uniform distributions on a random model: its
+    # entries cancel to float32 noise at ~5e-6 of the largest, where the others' stay under 2e-6
+    worst = _grad_differences(cfg, grads, hf, floor=1e-5 if name == "CEU" else 1e-6)
     with capsys.disabled():
         print(f"\n{name} {hparams}: loss {want:.6f}, rel diff {abs(loss - want) / abs(want):.2e}, "
               f"max grad rel diff {max(worst.values()):.2e}")

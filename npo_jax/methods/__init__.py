@@ -20,7 +20,8 @@ from npo_jax.errors import NpoJaxError
 # open-unlearning trainer name -> module under npo_jax.methods; IdkDPO: open-unlearning's name
 # for DPO on TOFU's refusals (docs/repro.md)
 REGISTRY = {"NPO": "npo", "SimNPO": "simnpo", "GradAscent": "grad_ascent", "GradDiff": "grad_diff", "DPO": "dpo",
-            "IdkDPO": "dpo", "WGA": "wga", "SatImp": "satimp"}
+            "IdkDPO": "dpo", "WGA": "wga", "SatImp": "satimp",
+            "CEU": "ceu"}
 NAMES = tuple(REGISTRY)
 FINETUNE = "finetune"  # the `npo-jax finetune` objective: a module, not a method.name
 

@@ -6,6 +6,7 @@ Loss-group semantics (`units`, `span`, `group_tokens`) are those of `npo_jax.los
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -22,6 +23,10 @@ class Scored(NamedTuple):
     units: int
     span: int
     token_logp: dict  # group -> (n, W) log-prob of each scored position's label, 0 where not labelled
+    batch: dict  # the micro-batch
+    # per_token(group, fn): fn(logits_fn, the group's hidden states, labels, positions=) -> (values, mask),
+    # a `npo_jax.logprobs` function of the group's labelled positions (another LM-head pass)
+    per_token: Callable
 
 
 def per_unit(x, units: int):
