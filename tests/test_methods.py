@@ -15,15 +15,17 @@ from conftest import SHARED
 from hf_models import load_hf, make_hf_model, tiny_config
 from tofu_fixture import make_mini_tofu, make_tiny_model_with_tokenizer
 
+import npo_jax.parity_run as parity_run
 from npo_jax.data.batches import StepPlan, label_width, pad_examples, step_batch
 from npo_jax.data.refusals import Refusals, load_refusals
 from npo_jax.data.tokenize import IGNORE, ChatFormat, Example, load_tokenizer
 from npo_jax.errors import NpoJaxError
 from npo_jax.losses import Objective
+from npo_jax.methods.common import Scored
 from npo_jax.model import abstract_model, split_params
 from npo_jax.model_io import load_hf_params
 from npo_jax.params import param_specs
-from npo_jax.run_config import load_run_config
+from npo_jax.run_config import load_run_config, to_yaml
 from npo_jax.train import Trainer
 from npo_jax.train_step import accumulated_grads
 from npo_jax.tree_paths import get_path
@@ -256,3 +258,20 @@ def test_dpo_run_trains_with_a_live_reference(mini, tmp_path):
     trainer.train()
     metrics = (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
     assert len(metrics) == 2 and "nan" not in metrics[0].lower()
+
+
+def test_ceu_refuses_a_loss_group_spanning_units():
+    """The host's group token counts include the tokens CE-U leaves out: refused, naming the fields."""
+    s = Scored({}, {}, {}, {}, units=1, span=2, token_logp={}, batch={}, per_token=None)
+    with pytest.raises(NpoJaxError, match="optim.loss_group must not exceed optim.per_device_batch"):
+        Objective("CEU").module.forget_loss(s, Objective("CEU"))
+
+
+def test_parity_command_refuses_a_method_without_a_torch_objective(tmp_path):
+    """`npo-jax parity` on a DPO run: a clear error, not a missing batch key deep in the check."""
+    cfg = load_run_config(None, ["output_dir=x", "model.path=m", "method.name=DPO", "data.idk_path=idk.jsonl"])
+    (tmp_path / "config.yaml").write_text(to_yaml(cfg))
+    args = types.SimpleNamespace(config=tmp_path / "config.yaml", items=3, batch_size=2, max_new_tokens=8,
+                                 eot_mask_quirk=None)
+    with pytest.raises(NpoJaxError, match="method.name=DPO has no objective check yet"):
+        parity_run.load_settings(parity_run.Source(tmp_path, "hf"), args)
