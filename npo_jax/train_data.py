@@ -34,10 +34,13 @@ class TrainData:
     refusals: Refusals | None = None  # DPO's "alternate" answers to the forget questions
 
     def step_tokens(self, epochs: np.ndarray, indices: np.ndarray) -> int:
-        """Non-padding tokens of the step that uses `indices` in `epochs` (with their retain partners)."""
+        """Non-padding tokens of the step that uses `indices` in `epochs` (with their retain partners
+        and refusals)."""
         tokens = sum(len(self.examples[i].input_ids) for i in indices)
         if self.retain is not None:
             tokens += sum(len(self.retain[j].input_ids) for j in self.pairing.partners(indices, epochs))
+        if self.refusals is not None:
+            tokens += sum(len(e.input_ids) for e in self.refusals.examples(indices, epochs))
         return tokens
 
 

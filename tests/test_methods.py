@@ -2,6 +2,7 @@
 Llama and one batch, loss and every parameter gradient (float32, rtol 1e-4); and the `method`
 config section (per-method defaults, keys a method does not read)."""
 
+import dataclasses
 import importlib.machinery
 import importlib.util
 import sys
@@ -255,6 +256,10 @@ def test_dpo_run_trains_with_a_live_reference(mini, tmp_path):
         "optim.epochs=1", "checkpoint.export_hf=false", "method.name=DPO", f"data.idk_path={root / 'idk.jsonl'}"])
     trainer = Trainer(cfg, "unlearn", progress=False, max_steps=2)
     assert trainer.ref_params is not None and trainer.ref_logp is None
+    epochs, idx = trainer.plan.positions(0)
+    refusal_tokens = sum(len(e.input_ids) for e in trainer.data.refusals.examples(idx, epochs))
+    forget_retain = dataclasses.replace(trainer.data, refusals=None).step_tokens(epochs, idx)
+    assert trainer.data.step_tokens(epochs, idx) == forget_retain + refusal_tokens
     trainer.train()
     metrics = (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
     assert len(metrics) == 2 and "nan" not in metrics[0].lower()
