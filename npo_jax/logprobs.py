@@ -91,6 +91,22 @@ def kl_to_reference(logits_fn, hidden, ref_logits_fn, ref_hidden, chunk: int | N
     return _chunked(chunk_kl, (hidden, ref_hidden), chunk, logits_fn)
 
 
+def label_suppressed_cross_entropy(logits_fn, hidden, labels, chunk: int | None = None, positions=None):
+    """CE-U's per-token loss at the positions `labelled` picks, and the mask: the cross-entropy of
+    the model's distribution against its own (no gradient) with the label's logit set to -inf,
+    lse(z) - sum_v q_v z_v with q = softmax(z | z_label = -inf)."""
+    h, safe, mask = labelled(hidden, labels, positions)
+
+    def chunk_ce(h_c, y_c):
+        logits = logits_fn(h_c)
+        is_label = jnp.arange(logits.shape[-1]) == y_c[..., None]
+        q = jax.nn.softmax(jnp.where(is_label, -jnp.inf, jax.lax.stop_gradient(logits)), axis=-1)
+        return -jnp.sum(q * jax.nn.log_softmax(logits, axis=-1), axis=-1)
+
+    ce = _chunked(chunk_ce, (h, safe), chunk, logits_fn)
+    return jnp.where(mask, ce, 0.0), mask
+
+
 def sequence_logprob(logits_fn, hidden, labels, chunk: int | None = None, positions=None):
     """Summed log-prob of each sequence's labelled tokens, and their count: (batch,), (batch,)."""
     logp, mask = token_logprobs(logits_fn, hidden, labels, chunk, positions)

@@ -18,12 +18,11 @@ loss per unit; the caller averages the units of all micro-batches and devices. T
   its gradient. The per-sequence terms (NPO, SimNPO) and `batchmean` KL (every row padded to
   the step's length) are means over rows, the same whatever the grouping.
 
-Sequence NLL is the sum (not mean) of token cross-entropy over labelled positions.
-- NPO:     forget = -(2/beta) * mean log sigmoid(-beta * (log p(y|x) - log p_ref(y|x)))
-- SimNPO:  forget = -(2/beta) * mean log sigmoid(beta * (NLL(y|x)/|y| - delta))
-- GradAscent / GradDiff: forget = -(token-mean NLL)
+Sequence NLL is the sum (not mean) of token cross-entropy over labelled positions. Each method's
+forget term is its module's (`npo_jax.methods`, one per open-unlearning trainer); the rest is shared:
 - retain:  NLL (token mean) or KL(p_ref || p) summed over the vocabulary, mean over positions
-- total:   gamma * forget + alpha * retain   (GradAscent: forget only)
+- total:   gamma * forget + alpha * retain   (methods without a retain term: gamma * forget;
+           fine-tuning: the NLL, gamma being 1)
 """
 
 from __future__ import annotations
@@ -33,7 +32,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from npo_jax.logprobs import kl_to_reference, sequence_logprob
+from npo_jax import methods
+from npo_jax.logprobs import kl_to_reference, token_logprobs
+from npo_jax.methods.common import Scored, per_unit, token_mean_nll
 from npo_jax.model import train_hidden
 
 
@@ -41,19 +42,23 @@ class Objective(NamedTuple):
     """What a step minimises: an unlearning method with its weights (`from_config`, the run
     config's `method` section), or the fine-tuning NLL of `npo-jax finetune` (`finetune()`)."""
 
-    method: str  # NPO | SimNPO | GradAscent | GradDiff, or "finetune" (not a method.name: a command)
+    method: str  # a `npo_jax.methods` name, or "finetune" (not a method.name: a command)
     beta: float = 0.1
     alpha: float = 1.0
     gamma: float = 1.0
     delta: float = 0.0
     retain_loss: str = "NLL"  # NLL | KL
     reference: str = "cached"  # cached | live
+    beta1: float = 5.0  # SatImp
+    beta2: float = 1.0  # SatImp
+    ignore_first_n_answer_tokens: int = 1  # CEU
 
     @classmethod
     def from_config(cls, method) -> Objective:
         """The unlearning objective of a `run_config.MethodConfig`."""
         return cls(method.name, beta=method.beta, alpha=method.alpha, gamma=method.gamma, delta=method.delta,
-                   retain_loss=method.retain_loss, reference=method.reference)
+                   retain_loss=method.retain_loss, reference=method.reference, beta1=method.beta1,
+                   beta2=method.beta2, ignore_first_n_answer_tokens=method.ignore_first_n_answer_tokens)
 
     @classmethod
     def finetune(cls) -> Objective:
@@ -61,30 +66,30 @@ class Objective(NamedTuple):
         return cls("finetune")
 
     @property
+    def module(self):
+        return methods.get(self.method)
+
+    @property
+    def reference_source(self) -> str | None:
+        """Where the method's reference log-probs come from: "cached", "live", or None (it needs
+        none). A method without a `reference` hyperparameter always runs the live reference."""
+        if not self.module.REFERENCE_GROUPS:
+            return None
+        return self.reference if "reference" in self.module.HPARAMS else "live"
+
+    @property
     def cached_reference(self) -> bool:
-        """Whether the batch carries the starting model's forget log-probs ("forget_ref_logp")."""
-        return self.method == "NPO" and self.reference == "cached"
+        """Whether the batch carries the starting model's log-probs of the method's reference groups
+        ("forget_ref_logp", ...)."""
+        return self.reference_source == "cached"
 
     @property
     def needs_live_reference(self) -> bool:
-        return (self.method == "NPO" and self.reference == "live") or (
-            self.method != "finetune" and self.method != "GradAscent" and self.retain_loss == "KL")
+        return self.reference_source == "live" or (self.uses_retain and self.retain_loss == "KL")
 
     @property
     def uses_retain(self) -> bool:
-        return self.method in ("NPO", "SimNPO", "GradDiff")
-
-
-def _units(x, units: int):
-    return x.reshape(units, -1, *x.shape[1:])
-
-
-def _token_mean_nll(logp_sum, n_tokens, units, span=1, group_tokens=None):
-    """HF's causal-LM loss per unit: summed token NLL over the unit / its labelled tokens; with
-    `span` > 1, the unit's share of its group's token mean, times `span` (see the module doc)."""
-    if span == 1:
-        return -_units(logp_sum, units).sum(1) / jnp.maximum(_units(n_tokens, units).sum(1), 1)
-    return -span * _units(logp_sum / jnp.maximum(group_tokens, 1), units).sum(1)
+        return self.module.RETAIN
 
 
 def _positions(groups):
@@ -94,57 +99,71 @@ def _positions(groups):
     return None
 
 
+def _label_logprobs(model, hidden, groups: list[dict]):
+    """Per-token label log-probs (0 where not labelled) and labelled-token counts of `groups`, the
+    first rows of `hidden`, in one LM-head pass (one larger matmul)."""
+    rows = sum(g["input_ids"].shape[0] for g in groups)
+    logp, mask = token_logprobs(model.logits, hidden[:rows], jnp.concatenate([g["labels"] for g in groups]),
+                                positions=_positions(groups))
+    return logp, mask.sum(-1)
+
+
+def _reference_logprobs(ref_model, batch: dict, obj: Objective, names) -> dict:
+    """The frozen reference's summed log-prob of each group in `names`: from the batch (cached:
+    "NAME_ref_logp") or one live forward over them all."""
+    if not names:
+        return {}
+    if obj.reference_source == "cached":
+        return {k: batch[f"{k}_ref_logp"] for k in names}
+    groups = [batch[k] for k in names]
+    ref_h = train_hidden(ref_model, jnp.concatenate([g["input_ids"] for g in groups]),
+                         jnp.concatenate([g["attention_mask"] for g in groups]))
+    lp = jax.lax.stop_gradient(_label_logprobs(ref_model, ref_h, groups)[0].sum(-1))
+    n = groups[0]["input_ids"].shape[0]
+    return {k: lp[i * n:(i + 1) * n] for i, k in enumerate(names)}
+
+
 def objective_loss(model, ref_model, batch: dict, obj: Objective, units: int, span: int = 1):
     """Per-unit losses (units,) and a dict of per-unit terms, for one micro-batch.
 
     `batch` holds (n, L) `input_ids`, `labels`, `attention_mask` (and optionally (n, W)
-    `label_positions`, the LM head then runs on those rows only) under "forget" and, for methods
-    with a retain term, "retain"; cached NPO also has "forget_ref_logp" (n,). For "finetune" the
-    training examples are under "forget". With `span` > 1 (a loss group spans `span` units) each
-    group also has (n,) `group_tokens`: the labelled-token count of the row's loss group.
+    `label_positions`, the LM head then runs on those rows only) under "forget" (and the method's
+    other FORGET_GROUPS) and, for methods with a retain term, "retain"; a cached reference adds
+    "NAME_ref_logp" (n,) for each of the method's REFERENCE_GROUPS. For "finetune" the training
+    examples are under "forget". With `span` > 1 (a loss group spans `span` units) each group also
+    has (n,) `group_tokens`: the labelled-token count of the row's loss group.
     """
-    forget = batch["forget"]
-    groups = [forget] + ([batch["retain"]] if obj.uses_retain else [])
-    n = forget["input_ids"].shape[0]
-    cat = {k: jnp.concatenate([g[k] for g in groups]) for k in ("input_ids", "attention_mask")}
-    hidden = train_hidden(model, cat["input_ids"], cat["attention_mask"])
-    h_retain = hidden[n:]
+    method = obj.module
+    names = list(method.FORGET_GROUPS) + (["retain"] if method.RETAIN else [])
+    groups = [batch[k] for k in names]
+    n = batch["forget"]["input_ids"].shape[0]
+    hidden = train_hidden(model, *(jnp.concatenate([g[k] for g in groups]) for k in ("input_ids", "attention_mask")))
 
-    # The groups that need label log-probs share one LM-head pass (one larger matmul).
-    scored = groups if obj.uses_retain and obj.retain_loss == "NLL" else [forget]
-    lp, nt = sequence_logprob(model.logits, hidden[:len(scored) * n],
-                              jnp.concatenate([g["labels"] for g in scored]), positions=_positions(scored))
-    logp, n_tok = lp[:n], nt[:n]
-    aux = {}
-    if obj.method in ("finetune", "GradAscent", "GradDiff"):
-        nll = _token_mean_nll(logp, n_tok, units, span, forget.get("group_tokens"))
-        forget_loss = nll if obj.method == "finetune" else -nll
-    elif obj.method == "NPO":
-        if obj.reference == "cached":
-            ref_logp = batch["forget_ref_logp"]
-        else:
-            ref_h = train_hidden(ref_model, forget["input_ids"], forget["attention_mask"])
-            ref_logp, _ = sequence_logprob(ref_model.logits, ref_h, forget["labels"], positions=_positions([forget]))
-            ref_logp = jax.lax.stop_gradient(ref_logp)
-        log_ratio = logp - ref_logp
-        forget_loss = -(2.0 / obj.beta) * _units(jax.nn.log_sigmoid(-obj.beta * log_ratio), units).mean(1)
-    elif obj.method == "SimNPO":
-        per_token_nll = -logp / jnp.maximum(n_tok, 1)
-        forget_loss = -(2.0 / obj.beta) * _units(
-            jax.nn.log_sigmoid(obj.beta * (per_token_nll - obj.delta)), units).mean(1)
-    else:
-        raise ValueError(f"unknown method {obj.method!r}")
-    aux["forget_loss"] = forget_loss
+    # the groups that need label log-probs share one LM-head pass
+    scored = names if method.RETAIN and obj.retain_loss == "NLL" else list(method.FORGET_GROUPS)
+    tlp, nt = _label_logprobs(model, hidden, [batch[k] for k in scored])
+    lp = tlp.sum(-1)
+    split = {k: slice(i * n, (i + 1) * n) for i, k in enumerate(scored)}
 
-    if not obj.uses_retain:
-        return (forget_loss if obj.method == "finetune" else obj.gamma * forget_loss), aux
+    def per_token(group, fn):
+        g = batch[group]
+        return fn(model.logits, hidden[names.index(group) * n:][:n], g["labels"], positions=g.get("label_positions"))
+
+    s = Scored({k: lp[split[k]] for k in scored}, {k: nt[split[k]] for k in scored},
+               {k: batch[k].get("group_tokens") for k in scored},
+               _reference_logprobs(ref_model, batch, obj, method.REFERENCE_GROUPS), units, span,
+               {k: tlp[split[k]] for k in scored}, batch, per_token)
+    forget_loss = method.forget_loss(s, obj)
+    aux = {"forget_loss": forget_loss}
+    if not method.RETAIN:
+        return obj.gamma * forget_loss, aux
 
     retain = batch["retain"]
     if obj.retain_loss == "NLL":
-        retain_loss = _token_mean_nll(lp[n:], nt[n:], units, span, retain.get("group_tokens"))
+        retain_loss = token_mean_nll(s.logp["retain"], s.n_tokens["retain"], units, span, retain.get("group_tokens"))
     else:
         ref_h = train_hidden(ref_model, retain["input_ids"], retain["attention_mask"])
-        kl = kl_to_reference(model.logits, h_retain, ref_model.logits, jax.lax.stop_gradient(ref_h))
-        retain_loss = _units(kl, units).mean(axis=(1, 2))  # batchmean over the unit's positions
+        kl = kl_to_reference(model.logits, hidden[-n:], ref_model.logits, jax.lax.stop_gradient(ref_h))
+        retain_loss = per_unit(kl, units).mean(axis=(1, 2))  # batchmean over the unit's positions
     aux["retain_loss"] = retain_loss
     return obj.gamma * forget_loss + obj.alpha * retain_loss, aux

@@ -19,10 +19,11 @@ import yaml
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException, ValidationError
 
+from npo_jax import methods
 from npo_jax.dtypes import DTYPES
 from npo_jax.errors import NpoJaxError
 
-METHODS = ("NPO", "SimNPO", "GradAscent", "GradDiff")  # fine-tuning is the `npo-jax finetune` command
+METHODS = methods.NAMES  # open-unlearning trainer names; fine-tuning is the `npo-jax finetune` command
 # compute dtypes: one set of names for training, `npo-jax eval`, audit and sweep
 COMPUTE_DTYPES = tuple(DTYPES)
 FORGET_SPLITS = ("forget01", "forget05", "forget10")
@@ -58,17 +59,26 @@ class DataConfig:
     # saw it); false: padding only; null: the model's recorded convention, open-unlearning's for a
     # model without a record (npo_jax.mask_convention)
     eot_mask_quirk: bool | None = None
+    # DPO's "I don't know" answers, one per line (TOFU's idontknow.jsonl); open-unlearning's idk_path
+    idk_path: str | None = None
 
 
 @dataclass
 class MethodConfig:
+    """One section for every method (`npo_jax.methods`): a key the chosen method does not read is
+    an error unless left at its value here; a key it reads and the config leaves unset takes the
+    method's default (open-unlearning's `method_args` default, `npo_jax.methods.*.HPARAMS`)."""
+
     name: Literal[METHODS] = "NPO"  # unlearn only; `npo-jax finetune` has no method
     beta: float = 0.1
     alpha: float = 1.0  # retain weight
     gamma: float = 1.0  # forget weight
     delta: float = 0.0  # SimNPO margin
-    retain_loss: Literal["NLL", "KL"] = "NLL"
+    retain_loss: Literal["NLL", "KL"] = "NLL"  # open-unlearning's retain_loss_type
     reference: Literal["cached", "live"] = "cached"  # cached (forget log-probs computed once) | live (frozen copy)
+    beta1: float = 5.0  # SatImp: the saturation weight's exponent
+    beta2: float = 1.0  # SatImp: the importance weight's exponent
+    ignore_first_n_answer_tokens: int = 1  # CEU: labelled tokens of each row left out of the loss
 
 
 @dataclass
@@ -147,6 +157,9 @@ RANGES = {
     "method.alpha": (0, None),
     "method.gamma": (0, None),
     "method.delta": (None, None),
+    "method.beta1": (0, None),
+    "method.beta2": (0, None),
+    "method.ignore_first_n_answer_tokens": (0, None),
     "optim.lr": ({0}, None),
     "optim.epochs": (1, None),
     "optim.warmup_epochs": (0, None),
@@ -201,6 +214,23 @@ def _check_loss_group(o: OptimConfig, where: str) -> None:
                           f"optim.loss_group={g}")
 
 
+def _resolve_method(cfg: RunConfig, given, where: str) -> None:
+    """Fill the method's unset hyperparameters with its defaults; reject a set key it does not read.
+    `given`: the `method` keys the config file, overrides and caller's defaults set."""
+    hparams = methods.get(cfg.method.name).HPARAMS
+    schema = MethodConfig()
+    for key in given:
+        if key != "name" and key not in hparams and getattr(cfg.method, key) != getattr(schema, key):
+            raise NpoJaxError(f"{where}: method.{key} is not a hyperparameter of method.name={cfg.method.name} "
+                              f"(its keys: {', '.join(hparams) or 'none'})")
+    for key, default in hparams.items():
+        if key not in given:
+            setattr(cfg.method, key, default)
+    if "alternate" in methods.get(cfg.method.name).FORGET_GROUPS and cfg.data.idk_path is None:
+        raise NpoJaxError(f"{where}: method.name={cfg.method.name} needs data.idk_path (the refusals, one per "
+                          "line: TOFU's idontknow.jsonl)")
+
+
 def _check_values(cfg: RunConfig, where: str) -> None:
     for key, (lo, hi) in RANGES.items():
         section, _, name = key.rpartition(".")
@@ -228,6 +258,7 @@ def load_run_config(path: str | Path | None, overrides: list[str] = (), **defaul
         layers.append(OmegaConf.from_dotlist(list(overrides)))
         merged = OmegaConf.merge(*layers)
         cfg: RunConfig = OmegaConf.to_object(merged)
+        given = list(OmegaConf.merge(*layers[1:]).get("method") or {})
     except yaml.YAMLError as e:
         raise NpoJaxError(f"{where}: not valid YAML ({str(e).splitlines()[0]})") from None
     except ConfigKeyError as e:
@@ -241,6 +272,7 @@ def load_run_config(path: str | Path | None, overrides: list[str] = (), **defaul
         msg = str(e).splitlines()[0]
         raise NpoJaxError(f"{where}: {getattr(e, 'full_key', '')}: {msg}; valid keys: "
                           f"{', '.join(_valid_keys(RunConfig))}") from None
+    _resolve_method(cfg, given, where)
     _check_values(cfg, where)
     return cfg
 

@@ -136,7 +136,8 @@ class Trainer:
         self.objective = Objective.finetune() if mode == "finetune" else Objective.from_config(cfg.method)
         self.placement = make_placement(cfg)
         cache = cache_dir(cfg.cache_dir)
-        self.data = load_train_data(cfg, mode, self.objective.uses_retain, cache)
+        self.data = load_train_data(cfg, mode, self.objective.uses_retain, cache,
+                                    with_refusals="alternate" in self.objective.module.FORGET_GROUPS)
         self.graphdef, config, self.side_files_dir, params = _load_model(cfg, self.placement)
         self.plan = StepPlan(len(self.data.examples), cfg.optim.effective_batch, cfg.optim.epochs, cfg.seed,
                              cfg.optim.epoch_mode)
@@ -188,7 +189,7 @@ class Trainer:
         # the training examples are step_batch's "forget" group in either mode: the key the step reads
         host = step_batch(self.plan, step, data.examples, buckets=cfg.data.length_buckets, pad_id=data.pad_id,
                           eot_id=data.eot_id, eot_mask_quirk=cfg.data.eot_mask_quirk, retain=data.retain,
-                          pairing=data.pairing, ref_logp=self.ref_logp, rows=rows,
+                          pairing=data.pairing, ref_logp=self.ref_logp, rows=rows, alternate=data.refusals,
                           loss_group=self.placement.loss_group if self.placement.span > 1 else None)
         host.pop("forget_index")
         host = jax.tree.map(lambda x: x.reshape(accum, len(local), *x.shape[1:]), host)

@@ -16,6 +16,7 @@ import numpy as np
 
 from npo_jax import distributed
 from npo_jax.data.batches import RetainPairing
+from npo_jax.data.refusals import Refusals, load_refusals
 from npo_jax.data.tofu import load_split
 from npo_jax.data.tokenize import ChatFormat, Example, encode_qa_pairs, load_tokenizer, pad_token_id
 from npo_jax.reference import cache_key, cached_reference_logprobs, reference_logprobs
@@ -30,12 +31,16 @@ class TrainData:
     pad_id: int
     eot_id: int
     truncated: dict[str, int]  # split -> examples cut to data.max_length
+    refusals: Refusals | None = None  # DPO's "alternate" answers to the forget questions
 
     def step_tokens(self, epochs: np.ndarray, indices: np.ndarray) -> int:
-        """Non-padding tokens of the step that uses `indices` in `epochs` (with their retain partners)."""
+        """Non-padding tokens of the step that uses `indices` in `epochs` (with their retain partners
+        and refusals)."""
         tokens = sum(len(self.examples[i].input_ids) for i in indices)
         if self.retain is not None:
             tokens += sum(len(self.retain[j].input_ids) for j in self.pairing.partners(indices, epochs))
+        if self.refusals is not None:
+            tokens += sum(len(e.input_ids) for e in self.refusals.examples(indices, epochs))
         return tokens
 
 
@@ -44,8 +49,10 @@ def _tokenize_split(tokenizer, rows, fmt: ChatFormat, max_length: int):
     return examples, sum(e.truncated for e in examples)
 
 
-def load_train_data(cfg: RunConfig, mode: str, with_retain: bool, cache: Path) -> TrainData:
-    """The splits `mode` ("unlearn" or "finetune") trains on, tokenized in the chat format."""
+def load_train_data(cfg: RunConfig, mode: str, with_retain: bool, cache: Path, with_refusals: bool = False
+                    ) -> TrainData:
+    """The splits `mode` ("unlearn" or "finetune") trains on, tokenized in the chat format; with
+    `with_refusals`, DPO's refusals (`data.idk_path`) for the forget questions."""
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
     fmt = ChatFormat(cfg.data.system_prompt, cfg.data.date_string)
     tfds_dir = cfg.data.tfds_dir or (cache / "tfds")
@@ -54,13 +61,16 @@ def load_train_data(cfg: RunConfig, mode: str, with_retain: bool, cache: Path) -
         return _tokenize_split(tokenizer, load_split(split, cfg.data.dir, tfds_dir), fmt, cfg.data.max_length)
 
     split = cfg.data.finetune_split if mode == "finetune" else cfg.data.forget_split
-    examples, n_truncated = tokenized(split)
+    rows = load_split(split, cfg.data.dir, tfds_dir)
+    examples, n_truncated = _tokenize_split(tokenizer, rows, fmt, cfg.data.max_length)
     truncated = {split: n_truncated}
     retain = pairing = None
     if with_retain:
         retain, truncated[cfg.data.retain_split] = tokenized(cfg.data.retain_split)
         pairing = RetainPairing(len(examples), len(retain), cfg.seed, cfg.data.retain_pairing)
-    return TrainData(examples, retain, pairing, pad_token_id(tokenizer), tokenizer.eos_token_id, truncated)
+    refusals = Refusals([r["question"] for r in rows], load_refusals(cfg.data.idk_path), tokenizer, fmt,
+                        cfg.data.max_length, cfg.seed) if with_refusals else None
+    return TrainData(examples, retain, pairing, pad_token_id(tokenizer), tokenizer.eos_token_id, truncated, refusals)
 
 
 def forget_reference_logprobs(cfg: RunConfig, data: TrainData, graphdef, params, cache: Path, out: Path) -> np.ndarray:

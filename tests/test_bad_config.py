@@ -61,7 +61,7 @@ def run_yaml(tmp_path):
     ("optim.b2=1", "optim.b2=1.0 is out of range: it must be >= 0 and < 1"),
     ("method.gamma=nan", "method.gamma=nan is out of range"),
     ("model.compute_dtype=fp16", "model.compute_dtype: Invalid value 'fp16', expected one of ['float32', 'bfloat16'"),
-    ("method.name=DPO", "method.name: Invalid value 'DPO'"),
+    ("method.name=KTO", "method.name: Invalid value 'KTO'"),
     ("data.forget_split=forget11", "data.forget_split: Invalid value 'forget11'"),
     ("checkpoint.export_dtype=int8", "checkpoint.export_dtype: Invalid value 'int8'"),
     ("optim.lr=fast", "optim.lr: Value 'fast'"),
@@ -81,7 +81,7 @@ def _field_types(cls, prefix=""):
 def test_every_run_config_field_is_checked():
     """Numbers have a range, strings a Literal's choices, except the free text and paths."""
     free_text = {"output_dir", "cache_dir", "model.path", "model.tokenizer", "data.dir", "data.tfds_dir",
-                 "data.system_prompt", "data.date_string"}
+                 "data.system_prompt", "data.date_string", "data.idk_path"}
     for key, hint in _field_types(RunConfig):
         if hint in (int, float):
             assert key in RANGES or key == "parallel.data", key

@@ -206,8 +206,9 @@ class StepPlan:
 def step_batch(plan: StepPlan, step: int, forget: list[Example], *, buckets: list[int], pad_id: int,
                eot_id: int | None, eot_mask_quirk: bool, retain: list[Example] | None = None,
                pairing: RetainPairing | None = None, ref_logp: np.ndarray | None = None,
-               rows: np.ndarray | None = None, loss_group: int | None = None) -> dict:
-    """Host arrays for one optimizer step: {"forget": {...}, "retain": {...}, "forget_ref_logp"}.
+               rows: np.ndarray | None = None, loss_group: int | None = None, alternate=None) -> dict:
+    """Host arrays for one optimizer step: {"forget": {...}, "retain": {...}, "forget_ref_logp"}
+    and, with `alternate` (`npo_jax.data.refusals.Refusals`), each example's "alternate" answer.
 
     `rows` keeps only those positions of the step's examples (one host's share of the batch); the
     padded length is still the whole step's, so every host pads alike. With `loss_group`, each
@@ -216,8 +217,9 @@ def step_batch(plan: StepPlan, step: int, forget: list[Example], *, buckets: lis
     epochs, idx = plan.positions(step)
     chosen = [forget[i] for i in idx]
     partners = [retain[j] for j in pairing.partners(idx, epochs)] if retain is not None else []
-    length = bucket_length(max(len(e.input_ids) for e in chosen + partners), buckets)
-    width = label_width(chosen + partners, length)  # the whole step's, like the length
+    alternates = alternate.examples(idx, epochs) if alternate is not None else []
+    length = bucket_length(max(len(e.input_ids) for e in chosen + partners + alternates), buckets)
+    width = label_width(chosen + partners + alternates, length)  # the whole step's, like the length
     tokens = {}
     if loss_group is not None:
         tokens["forget"] = group_tokens(chosen, length, loss_group)
@@ -226,11 +228,14 @@ def step_batch(plan: StepPlan, step: int, forget: list[Example], *, buckets: lis
     if rows is not None:
         idx, chosen = idx[rows], [chosen[r] for r in rows]
         partners = [partners[r] for r in rows] if partners else []
+        alternates = [alternates[r] for r in rows] if alternates else []
         tokens = {k: v[rows] for k, v in tokens.items()}
     kw = dict(pad_id=pad_id, eot_id=eot_id, eot_mask_quirk=eot_mask_quirk, width=width)
     batch = {"forget": pad_examples(chosen, length, **kw), "forget_index": idx.astype(np.int32)}
     if retain is not None:
         batch["retain"] = pad_examples(partners, length, **kw)
+    if alternates:
+        batch["alternate"] = pad_examples(alternates, length, **kw)
     for key, value in tokens.items():
         batch[key]["group_tokens"] = value
     if ref_logp is not None:

@@ -127,7 +127,7 @@ def objective(graphdef, params, items: Items, tokenizer, settings: Settings) -> 
     batch = {"forget": host["forget"]}
     if obj.uses_retain:
         batch["retain"] = host["retain"]
-    if obj.method == "NPO" and obj.reference == "cached":
+    if obj.cached_reference:
         length = host["forget"]["input_ids"].shape[1]
         batch["forget_ref_logp"] = reference_logprobs(
             graphdef, params, host["forget_examples"], buckets=[length], pad_id=items.pad_id, eot_id=items.eos_id,

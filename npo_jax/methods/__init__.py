@@ -1,0 +1,33 @@
+"""Unlearning methods, one module each, by open-unlearning's trainer name (`method.name`).
+
+A method module has NAME; HPARAMS, the `method.*` keys it reads with its default (open-unlearning's
+`method_args` defaults; `retain_loss` is open-unlearning's `retain_loss_type`); RETAIN, whether it
+adds `alpha *` a retain term (NLL or KL, `npo_jax.losses`); FORGET_GROUPS, the batch groups its
+loss scores; REFERENCE_GROUPS, those whose frozen-reference log-probs it needs; and
+`forget_loss(scored, objective)`, its forget term per unit (`npo_jax.methods.common.Scored`).
+Modules load on first use (`get`), so the config schema can name the methods without importing
+JAX. The trainer loop never sees a method: `npo_jax.losses.objective_loss` runs the one shared forward
+and calls the module.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+from npo_jax.errors import NpoJaxError
+
+# open-unlearning trainer name -> module under npo_jax.methods; IdkDPO: open-unlearning's name
+# for DPO on TOFU's refusals (docs/methods.md)
+REGISTRY = {"NPO": "npo", "SimNPO": "simnpo", "GradAscent": "grad_ascent", "GradDiff": "grad_diff", "DPO": "dpo",
+            "IdkDPO": "dpo", "WGA": "wga", "SatImp": "satimp",
+            "CEU": "ceu"}
+NAMES = tuple(REGISTRY)
+FINETUNE = "finetune"  # the `npo-jax finetune` objective: a module, not a method.name
+
+
+def get(name: str) -> ModuleType:
+    """The module of an unlearning method, or of "finetune"."""
+    if name != FINETUNE and name not in REGISTRY:
+        raise NpoJaxError(f"method.name={name!r} is not a method; choose from {', '.join(NAMES)}")
+    return importlib.import_module(f"npo_jax.methods.{REGISTRY.get(name, name)}")

@@ -1,0 +1,282 @@
+"""Every unlearning method against open-unlearning's own trainer: its `compute_loss` on a tiny HF
+Llama and one batch, loss and every parameter gradient (float32, rtol 1e-4); and the `method`
+config section (per-method defaults, keys a method does not read)."""
+
+import dataclasses
+import importlib.machinery
+import importlib.util
+import sys
+import types
+
+import jax
+import numpy as np
+import pytest
+import torch
+from conftest import SHARED
+from hf_models import load_hf, make_hf_model, tiny_config
+from tofu_fixture import make_mini_tofu, make_tiny_model_with_tokenizer
+
+import npo_jax.parity_run as parity_run
+from npo_jax.data.batches import StepPlan, label_width, pad_examples, step_batch
+from npo_jax.data.refusals import Refusals, load_refusals
+from npo_jax.data.tokenize import IGNORE, ChatFormat, Example, load_tokenizer
+from npo_jax.errors import NpoJaxError
+from npo_jax.losses import Objective
+from npo_jax.methods.common import Scored
+from npo_jax.model import abstract_model, split_params
+from npo_jax.model_io import load_hf_params
+from npo_jax.params import param_specs
+from npo_jax.run_config import load_run_config, to_yaml
+from npo_jax.train import Trainer
+from npo_jax.train_step import accumulated_grads
+from npo_jax.tree_paths import get_path
+
+OU_SRC = SHARED / "reference" / "open-unlearning" / "src"
+RTOL = 1e-4
+KEYS = ("input_ids", "attention_mask", "labels")
+
+
+def _stub(name, **attrs):
+    mod = types.ModuleType(name)
+    mod.__spec__ = importlib.machinery.ModuleSpec(name, None)
+    mod.__dict__.update(attrs)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def ou_trainers():
+    """open-unlearning's trainer classes by name. Its package imports accelerate and deepspeed,
+    which this venv lacks and `compute_loss` never uses: stubbed only while importing."""
+    if not OU_SRC.is_dir():
+        pytest.skip(f"{OU_SRC} is absent (only the project's own checkout has ../shared)")
+    stubs = {}
+    if importlib.util.find_spec("accelerate") is None:
+        stubs["accelerate.utils"] = _stub("accelerate.utils", is_deepspeed_available=lambda: False)
+        stubs["accelerate"] = _stub("accelerate", utils=stubs["accelerate.utils"])
+    if importlib.util.find_spec("deepspeed") is None:
+        stubs["deepspeed"] = _stub("deepspeed")
+    saved_path = list(sys.path)
+    with pytest.MonkeyPatch.context() as mp:
+        for name, mod in stubs.items():
+            mp.setitem(sys.modules, name, mod)
+        sys.path.insert(0, str(OU_SRC))
+        try:
+            trainer = importlib.import_module("trainer")
+        finally:
+            sys.path[:] = saved_path
+    return trainer.TRAINER_REGISTRY
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("methods")
+    folder = make_hf_model(root / "m", tiny_config(tie=False, kv_heads=2, std=0.1))
+    ref_folder = make_hf_model(root / "ref", tiny_config(tie=False, kv_heads=2, std=0.1), seed=1)
+    return folder, ref_folder
+
+
+def examples(seed, n, vocab=256, prompts=None):
+    """n random question-answer examples; the prompts of `prompts` (a list of Examples) if given."""
+    rng = np.random.RandomState(seed)
+    out = []
+    for i in range(n):
+        prompt = rng.randint(4, vocab, rng.randint(3, 9)) if prompts is None else \
+            prompts[i].input_ids[prompts[i].labels == IGNORE]
+        ids = np.concatenate([prompt, rng.randint(4, vocab, rng.randint(2, 8))]).astype(np.int32)
+        labels = ids.copy()
+        labels[:len(prompt)] = IGNORE
+        out.append(Example(ids, labels))
+    return out
+
+
+def _torch(group):
+    return {k: torch.tensor(group[k], dtype=torch.long) for k in KEYS}
+
+
+def _open_unlearning(cls, hparams, hf, ref, batch):
+    """open-unlearning's loss (backpropagated into `hf`): its trainer's compute_loss, the trainer
+    built without HF Trainer's setup (compute_loss reads only the method's attributes)."""
+    trainer = cls.__new__(cls)
+    ou_names = {"retain_loss": "retain_loss_type"}
+    for k, v in hparams.items():
+        setattr(trainer, ou_names.get(k, k), v)
+    trainer.model, trainer.ref_model = hf, ref
+    inputs = {k: _torch(v) for k, v in batch.items() if k != "alternate"}
+    if "alternate" in batch:
+        inputs["forget"] = {"original": inputs["forget"], "alternate": _torch(batch["alternate"])}
+    loss = trainer.compute_loss(hf, inputs)
+    loss.backward()
+    return loss.item()
+
+
+def _ours(folder, ref_folder, obj, batch):
+    cfg, params = load_hf_params(folder)
+    _, ref_params = load_hf_params(ref_folder)
+    graphdef, _ = split_params(abstract_model(cfg))
+    stacked = jax.tree.map(lambda x: np.asarray(x)[None], batch)  # one micro-batch
+    loss, aux, grads = accumulated_grads(graphdef, obj, params, ref_params if obj.needs_live_reference else None,
+                                         stacked, units=1)
+    # the comparison covers the method's own term only if that term is not lost in the total
+    assert abs(obj.gamma * float(aux["forget_loss"])) > 0.02 * abs(float(loss)), aux
+    return cfg, float(loss), grads
+
+
+def _grad_differences(cfg, grads, hf, floor=1e-6):
+    """Per HF parameter: max |ours - open-unlearning's| / max |open-unlearning's|, asserting rtol
+    (with an absolute floor of `floor` x the largest entry, for entries near zero)."""
+    named, worst = dict(hf.named_parameters()), {}
+    for spec in param_specs(cfg):
+        ours = np.asarray(get_path(grads, spec.path))
+        for i, name in enumerate(spec.hf_names(cfg.num_hidden_layers)):
+            g = spec.to_hf(ours[i] if spec.stacked else ours)
+            ref = named[name].grad.numpy()
+            np.testing.assert_allclose(g, ref, rtol=RTOL, atol=floor * np.abs(ref).max() + 1e-9, err_msg=name)
+            worst[name] = float(np.abs(g - ref).max() / np.abs(ref).max())
+    return worst
+
+
+CASES = [  # (method name, hyperparameters beyond the defaults)
+    ("NPO", {"beta": 0.3, "alpha": 2.0, "gamma": 0.7, "retain_loss": "NLL", "reference": "live"}),
+    ("NPO", {"beta": 0.3, "alpha": 2.0, "gamma": 0.7, "retain_loss": "KL", "reference": "live"}),
+    ("SimNPO", {"beta": 0.5, "delta": 3.0, "alpha": 2.0, "gamma": 0.7, "retain_loss": "NLL"}),  # unsaturated
+    ("SimNPO", {"beta": 1.5, "delta": 5.0, "alpha": 2.0, "gamma": 0.7, "retain_loss": "KL"}),
+    ("GradAscent", {}),
+    ("GradDiff", {"alpha": 2.0, "gamma": 0.7, "retain_loss": "NLL"}),
+    ("GradDiff", {"alpha": 2.0, "gamma": 0.7, "retain_loss": "KL"}),
+    ("DPO", {"beta": 0.3, "alpha": 2.0, "gamma": 0.7, "retain_loss": "NLL"}),
+    ("DPO", {"beta": 0.3, "alpha": 2.0, "gamma": 0.7, "retain_loss": "KL"}),
+    # the token weights p^beta are small on a random model: small exponents keep the forget term in play
+    ("WGA", {"beta": 0.2, "alpha": 2.0, "gamma": 0.7, "retain_loss": "NLL"}),
+    ("WGA", {"beta": 0.3, "alpha": 0.5, "gamma": 1.5, "retain_loss": "KL"}),
+    ("SatImp", {"beta1": 0.2, "beta2": 1.5, "alpha": 2.0, "gamma": 0.7, "retain_loss": "NLL"}),
+    ("SatImp", {"beta1": 0.1, "beta2": 1.0, "alpha": 0.3, "gamma": 1.5, "retain_loss": "KL"}),
+    ("CEU", {"ignore_first_n_answer_tokens": 1}),
+    ("CEU", {"ignore_first_n_answer_tokens": 3}),
+    ("CEU", {"ignore_first_n_answer_tokens": 0}),
+]
+
+
+IDS = [f"{n}-{h.get('retain_loss', h.get('ignore_first_n_answer_tokens', ''))}" for n, h in CASES]
+
+
+@pytest.mark.parametrize("name,hparams", CASES, ids=IDS)
+def test_loss_and_grads_match_open_unlearning_trainer(models, ou_trainers, name, hparams, capsys):
+    folder, ref_folder = models
+    groups = {"forget": examples(0, 4), "retain": examples(1, 4)}
+    if name == "DPO":  # the "win": the same questions with other answers
+        groups["alternate"] = examples(2, 4, prompts=groups["forget"])
+    width = label_width(sum(groups.values(), []), 24)
+    batch = {k: pad_examples(v, 24, pad_id=0, width=width) for k, v in groups.items()}
+    obj = Objective(name, **hparams)
+    hf, ref = load_hf(folder), load_hf(ref_folder)
+    want = _open_unlearning(ou_trainers[name], {k: v for k, v in hparams.items() if k != "reference"}, hf, ref, batch)
+    cfg, loss, grads = _ours(folder, ref_folder, obj, batch)
+    np.testing.assert_allclose(loss, want, rtol=RTOL)
+    # CE-U's gradient is softmax(z) - q, two near-uniform distributions on a random model: its
+    # entries cancel to float32 noise at ~5e-6 of the largest, where the others' stay under 2e-6
+    worst = _grad_differences(cfg, grads, hf, floor=1e-5 if name == "CEU" else 1e-6)
+    with capsys.disabled():
+        print(f"\n{name} {hparams}: loss {want:.6f}, rel diff {abs(loss - want) / abs(want):.2e}, "
+              f"max grad rel diff {max(worst.values()):.2e}")
+
+
+def _method(*overrides):
+    return load_run_config(None, ["output_dir=x", "model.path=m", *overrides]).method
+
+
+def test_unset_hyperparameters_take_the_methods_defaults():
+    """open-unlearning's configs/trainer/*.yaml defaults: SimNPO's beta 4.5 and gamma 0.125."""
+    m = _method("method.name=SimNPO")
+    assert (m.beta, m.gamma, m.alpha, m.delta, m.retain_loss) == (4.5, 0.125, 1.0, 0.0, "NLL")
+    assert _method("method.name=SimNPO", "method.beta=2").beta == 2.0
+    m = _method()
+    assert (m.name, m.beta, m.alpha, m.gamma, m.retain_loss, m.reference) == ("NPO", 0.1, 1.0, 1.0, "NLL", "cached")
+
+
+@pytest.mark.parametrize("overrides,key", [
+    (["method.name=NPO", "method.delta=0.5"], "method.delta"),
+    (["method.name=GradAscent", "method.alpha=2"], "method.alpha"),
+    (["method.name=SimNPO", "method.reference=live"], "method.reference"),
+])
+def test_a_key_the_method_does_not_read_is_an_error(overrides, key):
+    with pytest.raises(NpoJaxError, match=f"{key} is not a hyperparameter of method.name="):
+        _method(*overrides)
+
+
+def test_dpo_needs_refusals_and_idkdpo_is_dpo():
+    with pytest.raises(NpoJaxError, match="method.name=DPO needs data.idk_path"):
+        _method("method.name=DPO")
+    m = _method("method.name=IdkDPO", "data.idk_path=idk.jsonl")
+    assert (m.beta, m.alpha, m.gamma, m.retain_loss) == (0.1, 1.0, 1.0, "NLL")
+    assert Objective("IdkDPO").module is Objective("DPO").module
+    with pytest.raises(NpoJaxError, match="method.reference is not a hyperparameter of method.name=DPO"):
+        _method("method.name=DPO", "data.idk_path=idk.jsonl", "method.reference=live")
+
+
+@pytest.fixture(scope="module")
+def mini(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mini")
+    data = make_mini_tofu(root)
+    (root / "idk.jsonl").write_text("I don't know.\n  That is beyond me.  \n\nNo idea, sorry.\n")
+    return root, data, make_tiny_model_with_tokenizer(root, data)
+
+
+def test_each_forget_item_gets_a_refusal_drawn_per_epoch(mini):
+    """The "alternate" rows: each forget question with a refusal from data.idk_path, drawn anew
+    for each epoch, the same on a rerun; padded like the rest of the step."""
+    root, _, model = mini
+    answers = load_refusals(root / "idk.jsonl")
+    assert answers == ["I don't know.", "That is beyond me.", "No idea, sorry."]
+    tok, fmt = load_tokenizer(model), ChatFormat()
+    questions = [f"question {i}?" for i in range(40)]
+    refusals = Refusals(questions, answers, tok, fmt, 128, seed=3)
+    items, zeros = np.arange(40), np.zeros(40, np.int64)
+    first, again = refusals.choice(items, zeros), refusals.choice(items, zeros)
+    second = refusals.choice(items, zeros + 1)
+    assert np.array_equal(first, again) and not np.array_equal(first, second) and set(first) == {0, 1, 2}
+    forget = [ex for ex in Refusals(questions, ["a real answer"] * 3, tok, fmt, 128, 0).examples(items, zeros)]
+    batch = step_batch(StepPlan(40, 8, 2, 0), 5, forget, buckets=[64, 128], pad_id=0, eot_id=None,
+                       eot_mask_quirk=False, alternate=refusals)
+    epochs, idx = StepPlan(40, 8, 2, 0).positions(5)
+    want = refusals.examples(idx, epochs)
+    assert batch["alternate"]["input_ids"].shape == batch["forget"]["input_ids"].shape
+    for row, ex in enumerate(want):
+        assert np.array_equal(batch["alternate"]["input_ids"][row, :len(ex.input_ids)], ex.input_ids)
+        prompt = ex.labels == IGNORE
+        assert np.array_equal(ex.input_ids[prompt], forget[idx[row]].input_ids[forget[idx[row]].labels == IGNORE])
+    with pytest.raises(NpoJaxError, match="data.idk_path"):
+        load_refusals(root / "missing.jsonl")
+
+
+def test_dpo_run_trains_with_a_live_reference(mini, tmp_path):
+    root, data, model = mini
+    cfg = load_run_config(None, [
+        f"model.path={model}", f"data.dir={data}", f"cache_dir={root}/cache", f"output_dir={tmp_path / 'out'}",
+        "data.max_length=128", "data.length_buckets=[96,128]", "optim.effective_batch=8", "optim.per_device_batch=1",
+        "optim.epochs=1", "checkpoint.export_hf=false", "method.name=DPO", f"data.idk_path={root / 'idk.jsonl'}"])
+    trainer = Trainer(cfg, "unlearn", progress=False, max_steps=2)
+    assert trainer.ref_params is not None and trainer.ref_logp is None
+    epochs, idx = trainer.plan.positions(0)
+    refusal_tokens = sum(len(e.input_ids) for e in trainer.data.refusals.examples(idx, epochs))
+    forget_retain = dataclasses.replace(trainer.data, refusals=None).step_tokens(epochs, idx)
+    assert trainer.data.step_tokens(epochs, idx) == forget_retain + refusal_tokens
+    trainer.train()
+    metrics = (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
+    assert len(metrics) == 2 and "nan" not in metrics[0].lower()
+
+
+def test_ceu_refuses_a_loss_group_spanning_units():
+    """The host's group token counts include the tokens CE-U leaves out: refused, naming the fields."""
+    s = Scored({}, {}, {}, {}, units=1, span=2, token_logp={}, batch={}, per_token=None)
+    with pytest.raises(NpoJaxError, match="optim.loss_group must not exceed optim.per_device_batch"):
+        Objective("CEU").module.forget_loss(s, Objective("CEU"))
+
+
+def test_parity_command_refuses_a_method_without_a_torch_objective(tmp_path):
+    """`npo-jax parity` on a DPO run: a clear error, not a missing batch key deep in the check."""
+    cfg = load_run_config(None, ["output_dir=x", "model.path=m", "method.name=DPO", "data.idk_path=idk.jsonl"])
+    (tmp_path / "config.yaml").write_text(to_yaml(cfg))
+    args = types.SimpleNamespace(config=tmp_path / "config.yaml", items=3, batch_size=2, max_new_tokens=8,
+                                 eot_mask_quirk=None)
+    with pytest.raises(NpoJaxError, match="method.name=DPO has no objective check yet"):
+        parity_run.load_settings(parity_run.Source(tmp_path, "hf"), args)
