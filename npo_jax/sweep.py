@@ -246,8 +246,8 @@ def plot_leaderboard(path: Path, ranked: list[dict]) -> None:
         ax.scatter([p[0] for p in points], [p[1] for p in points], s=22, color="tab:blue", label="runs")
         best = points[0]
         ax.scatter([best[0]], [best[1]], s=90, marker="*", color="tab:red", label=f"rank 1: {best[2]}")
-        for mu, fq, n in points if len(points) <= 20 else points[:5]:  # every run of a short board
-            ax.annotate(n, (mu, fq), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        for i, (mu, fq, n) in enumerate(points if len(points) <= 20 else points[:5]):  # all of a short board
+            ax.annotate(n, (mu, fq), fontsize=6, xytext=(3, 3 if i % 2 == 0 else -9), textcoords="offset points")
     ax.set_yscale("log")
     ax.set_xlabel("model_utility")
     ax.set_ylabel("forget_quality (log scale)")
