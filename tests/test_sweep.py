@@ -151,9 +151,9 @@ def test_shipped_method_sweep_runs_every_registered_method_at_its_defaults():
     assert {(r.optim.lr, r.optim.epochs, r.data.max_length) for r in runs.values()} == {(3e-4, 5, 80)}
 
 
-def test_method_sweep_and_its_runs_through_eval_export_and_audit(sweep_setup, tmp_path):
+def test_method_sweep_and_its_runs_through_eval_and_export(sweep_setup, tmp_path):
     """A WGA and a DPO run from one `methods` sweep: trained, evaluated, exported (the HF folder's
-    logits in transformers match our params), re-evaluated by `npo-jax eval --run` and audited."""
+    logits in transformers match our params) and re-evaluated by `npo-jax eval --run`."""
     from npo_jax.cli import main
     from npo_jax.demo import _export_check
 
@@ -167,7 +167,7 @@ methods: {{WGA: {{}}, DPO: {{data.idk_path: {root / 'idk.jsonl'}}}}}
 overrides: [optim.epochs=1, optim.lr=1.0e-3, checkpoint.export_dtype=float32]
 export_hf: true
 eval: {{retain_logs: {root / 'retain_eval' / 'TOFU_EVAL.json'}, batch_size: 16, max_new_tokens: 8,
-        compute_dtype: float32, holdout_split: holdout10, limit: 4}}
+        compute_dtype: float32, holdout_split: holdout10, limit: 2}}
 """)
     results = run_sweep(sweep_cfg, progress=False)
     assert sorted(r["name"] for r in results) == ["DPO", "WGA"]
@@ -179,14 +179,9 @@ eval: {{retain_logs: {root / 'retain_eval' / 'TOFU_EVAL.json'}, batch_size: 16, 
     assert saved["DPO"].method.name == "DPO"
     for run in runs.values():
         assert _export_check(run) < 1e-4
-    assert main(["eval", "--run", str(runs["DPO"]), "--out", str(tmp_path / "eval_dpo"), "--limit", "4",
+    assert main(["eval", "--run", str(runs["DPO"]), "--out", str(tmp_path / "eval_dpo"), "--limit", "2",
                  "--max-new-tokens", "8", "--holdout-split", "holdout10",
                  "--retain-logs", str(root / "retain_eval" / "TOFU_EVAL.json")]) == 0
     summary = json.loads((tmp_path / "eval_dpo" / "TOFU_SUMMARY.json").read_text())
     swept = json.loads((runs["DPO"] / "eval" / "TOFU_SUMMARY.json").read_text())
     assert summary["forget_Q_A_Prob"] == pytest.approx(swept["forget_Q_A_Prob"], rel=1e-6)
-    assert main(["audit", "--models", f"wga={runs['WGA'] / 'hf'}", f"dpo={runs['DPO'] / 'checkpoints'}",
-                 "--out", str(tmp_path / "audit"), "--data-dir", str(saved["DPO"].data.dir), "--tfds-dir",
-                 str(tmp_path / "tfds"), "--limit", "4", "--n-samples", "2", "--bootstrap", "50",
-                 "--qa-per-author", "2", "--max-new-tokens", "8"]) == 0
-    assert set(json.loads((tmp_path / "audit" / "AUDIT.json").read_text())["models"]) == {"wga", "dpo"}
