@@ -80,9 +80,6 @@ def load_sweep_config(path: str | Path, overrides=()) -> SweepConfig:
     if not (cfg.grid or cfg.methods) or any(not isinstance(v, list) or not v for v in cfg.grid.values()):
         raise NpoJaxError(f"sweep config {path}: grid must map dotted run-config keys to non-empty lists "
                           "(or methods name the methods to run)")
-    if any(not isinstance(v, dict) for v in cfg.methods.values()):
-        raise NpoJaxError(f"sweep config {path}: methods must map each label to a mapping of dotted run-config "
-                          "keys to values ({} for the method's defaults)")
     return cfg
 
 

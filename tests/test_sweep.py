@@ -76,6 +76,12 @@ def test_bad_sweep_configs(tmp_path):
     bad.write_text("run_config: x.yaml\noutput_dir: o\ngrid: {optim.lr: [1]}\nevl: {}\n")
     with pytest.raises(NpoJaxError, match="evl"):
         load_sweep_config(bad)
+    bad.write_text("run_config: null\noutput_dir: o\nmethods: {WGA: 3}\neval: {retain_logs: r}\n")
+    with pytest.raises(NpoJaxError, match="methods.WGA"):
+        load_sweep_config(bad)
+    bad.write_text("run_config: null\noutput_dir: o\neval: {retain_logs: r}\n")
+    with pytest.raises(NpoJaxError, match="or methods name the methods"):
+        load_sweep_config(bad)
     bad.write_text(f"run_config: x.yaml\noutput_dir: {tmp_path / 'o'}\ngrid: {{optim.lr: [1]}}\n"
                    f"eval: {{retain_logs: {tmp_path / 'missing.json'}}}\n")
     with pytest.raises(NpoJaxError, match="missing.json"):
