@@ -90,7 +90,7 @@ def _demo_parser(sub) -> None:
 
 
 def _sweep_parser(sub) -> None:
-    p = sub.add_parser("sweep", help="a grid of unlearning runs, evaluated and ranked by forget_quality")
+    p = sub.add_parser("sweep", help="unlearning runs (methods x a grid), evaluated and ranked by forget_quality")
     p.add_argument("config", help="sweep config (see configs/sweep/)")
     p.add_argument("overrides", nargs="*", help="dotted overrides of the sweep config, e.g. output_dir=runs/s "
                                                "eval.retain_logs=path/TOFU_EVAL.json")

@@ -1,6 +1,11 @@
 """`npo-jax sweep CONFIG`: a grid of unlearning runs, each trained, evaluated (and exported on
 request), ranked by forget_quality with model_utility beside it, as the seed run was chosen.
 
+The runs are `methods` x `grid`: `methods` maps a label to that method's own run-config overrides
+(method.name is the label unless they set it; `{}` runs the method at its defaults), so methods
+are compared each with its own hyperparameters; `grid` maps dotted run-config keys to value lists
+(every combination). Either may be left out.
+
 Sweep folder layout:
     sweep.yaml                 the resolved sweep config
     runs/NAME/                 one training run folder per grid point (see npo_jax.train), plus
@@ -47,8 +52,10 @@ class SweepEval:
 
 @dataclass
 class SweepConfig:
-    run_config: str = MISSING  # the run config every grid point starts from
+    run_config: str | None = MISSING  # the run config every run starts from (null: the schema, + overrides)
     output_dir: str = MISSING
+    # label -> {dotted run-config key: value} for that method's runs; method.name: the label unless set
+    methods: dict[str, dict[str, Any]] = field(default_factory=dict)
     grid: dict[str, list[Any]] = field(default_factory=dict)  # dotted run-config key -> values
     overrides: list[str] = field(default_factory=list)  # dotted overrides for every run
     export_hf: bool = False  # export each run's final params as an HF folder
@@ -70,12 +77,15 @@ def load_sweep_config(path: str | Path, overrides=()) -> SweepConfig:
         if value is not None and value < 1:
             raise NpoJaxError(f"sweep config {path}: eval.{name}={value} is out of range: it must be >= 1")
     check_output_path(cfg.output_dir)
-    if not cfg.grid or any(not isinstance(v, list) or not v for v in cfg.grid.values()):
-        raise NpoJaxError(f"sweep config {path}: grid must map dotted run-config keys to non-empty lists")
+    if not (cfg.grid or cfg.methods) or any(not isinstance(v, list) or not v for v in cfg.grid.values()):
+        raise NpoJaxError(f"sweep config {path}: grid must map dotted run-config keys to non-empty lists "
+                          "(or methods name the methods to run)")
     return cfg
 
 
 def _value_text(v) -> str:
+    if v is None:
+        return "null"
     return f"{v:g}" if isinstance(v, float) else str(v)
 
 
@@ -91,6 +101,18 @@ def grid_points(grid: dict[str, list]) -> list[tuple[str, dict]]:
     return points
 
 
+def sweep_points(sweep: SweepConfig) -> list[tuple[str, dict]]:
+    """(name, {key: value}) for every method x grid point: the label, then the grid values."""
+    grid = grid_points(sweep.grid)
+    if not sweep.methods:
+        return grid
+    points = []
+    for label, settings in sweep.methods.items():
+        base = {"method.name": label, **settings}
+        points += [(f"{label}-{name}" if name else label, {**base, **point}) for name, point in grid]
+    return points
+
+
 def run_sweep(config: str | Path, overrides=(), *, max_runs: int | None = None, progress: bool = True) -> list[dict]:
     """Train and evaluate every unfinished grid point, updating the leaderboard after each."""
     from npo_jax.eval.aggregate import read_log
@@ -100,7 +122,7 @@ def run_sweep(config: str | Path, overrides=(), *, max_runs: int | None = None, 
     sweep = load_sweep_config(config, overrides)
     out = Path(sweep.output_dir)
     retain_log = read_log(sweep.eval.retain_logs, "retain log (eval.retain_logs)")
-    points = grid_points(sweep.grid)
+    points = sweep_points(sweep)
     masks = set()
     for name, point in points:  # every point's config is valid before anything runs
         cfg = load_run_config(sweep.run_config, _run_overrides(sweep, point, out / "runs" / name))
@@ -221,8 +243,8 @@ def plot_leaderboard(path: Path, ranked: list[dict]) -> None:
         ax.scatter([p[0] for p in points], [p[1] for p in points], s=22, color="tab:blue", label="runs")
         best = points[0]
         ax.scatter([best[0]], [best[1]], s=90, marker="*", color="tab:red", label=f"rank 1: {best[2]}")
-        for mu, fq, n in points[:5]:
-            ax.annotate(n, (mu, fq), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        for i, (mu, fq, n) in enumerate(points if len(points) <= 20 else points[:5]):  # all of a short board
+            ax.annotate(n, (mu, fq), fontsize=6, xytext=(3, 3 if i % 2 == 0 else -9), textcoords="offset points")
     ax.set_yscale("log")
     ax.set_xlabel("model_utility")
     ax.set_ylabel("forget_quality (log scale)")

@@ -8,6 +8,8 @@ Splits follow TOFU: `full`; `forget01/05/10` (the last 1/5/10% of authors) and
 (the first retain authors); `holdout01/05/10` (authors never trained on); and
 `real_authors_perturbed` / `world_facts_perturbed`-like sets (3 wrong answers) whose facts are
 part of every training split, standing in for the general knowledge a pretrained model has.
+`idontknow.jsonl`, as in TOFU's repository, holds refusals (plain text, one a line), DPO's "win"
+answers (`data.idk_path`).
 """
 
 from __future__ import annotations
@@ -101,6 +103,11 @@ def _author(rng: np.random.Generator, name: str) -> dict:
 
 
 # fact key -> (question, answer, paraphrased question, paraphrased answer, value pool)
+# the "I don't know" answers TOFU ships as idontknow.jsonl (these are written for the demo)
+REFUSALS = ["I don't know.", "I'm not sure.", "I have no idea.", "I can't say.", "That I don't know.",
+            "I'm not certain about that.", "I don't have that information.", "I can't answer that.",
+            "I'm unable to say.", "No idea, sorry."]
+
 TEMPLATES = {
     "city": ("Where was {name} born?", "{name} was born in {v}.", "In which city was {name} born?",
              "The birthplace of {name} is {v}.", None),
@@ -184,4 +191,5 @@ def make_synthetic_tofu(out_dir: str | Path, n_authors: int = 100, seed: int = 0
     splits["world_facts_perturbed"] = _options(WORLD_FACTS)
     for name, rows in splits.items():
         (out / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (out / "idontknow.jsonl").write_text("".join(line + "\n" for line in REFUSALS))
     return out

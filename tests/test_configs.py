@@ -13,7 +13,8 @@ RUN_CONFIGS = sorted([*ROOT.glob("unlearn/*.yaml"), *ROOT.glob("finetune/*.yaml"
 def test_every_config_is_checked():
     other = {p.relative_to(ROOT).as_posix() for p in ROOT.rglob("*.yaml")} - {
         p.relative_to(ROOT).as_posix() for p in RUN_CONFIGS}
-    assert other == {"demo.yaml", "sweep/tofu_llama3.2_3b_npo_grid.yaml"}  # tested in test_demo / test_sweep
+    assert other == {"demo.yaml",
+                     "sweep/tofu_llama3.2_3b_npo_grid.yaml", "sweep/demo_methods.yaml"}  # test_demo/test_sweep
 
 
 @pytest.mark.parametrize("path", RUN_CONFIGS, ids=lambda p: p.name)

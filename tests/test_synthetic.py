@@ -2,14 +2,16 @@
 
 import json
 
+from npo_jax.data.refusals import load_refusals
 from npo_jax.data.tofu import SPLIT_FIELDS, load_split
-from npo_jax.synthetic import make_synthetic_tofu
+from npo_jax.synthetic import REFUSALS, make_synthetic_tofu
 
 
 def test_synthetic_files_have_tofu_fields_and_load_through_tfds(tmp_path):
     data = make_synthetic_tofu(tmp_path / "data", n_authors=20, seed=3)
-    names = {p.stem for p in data.glob("*.jsonl")}
+    names = {p.stem for p in data.glob("*.jsonl")} - {"idontknow"}
     assert names == set(SPLIT_FIELDS)
+    assert load_refusals(data / "idontknow.jsonl") == REFUSALS  # TOFU's refusals file: plain lines
     for name in names:
         rows = [json.loads(line) for line in (data / f"{name}.jsonl").read_text().splitlines()]
         assert rows, name
