@@ -39,6 +39,9 @@ from npo_jax.tree_paths import get_path
 OU_SRC = SHARED / "reference" / "open-unlearning" / "src"
 RTOL = 1e-4
 KEYS = ("input_ids", "attention_mask", "labels")
+# LLVM's optimisation of the CPU code is most of a tiny model's compile time: the tests compile
+# the same XLA program without it (code generation only; XLA:CPU keeps float semantics either way)
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 GROUP = 4  # rows of one open-unlearning micro-batch: one loss group
 LENGTH = 24  # the step's padded length
 
@@ -164,8 +167,8 @@ def grads_on(lay: Layout, folder, ref_folder, obj, seed: int = 0):
         placed = placed._replace(ref_params=_like(placement, placed.state["params"], ref))
     host = host_step(placement, obj, seed)
     micro = jax.tree.map(lambda x: x.reshape(placement.accum, placement.rows, *x.shape[1:]), host)
-    out = placement.grads_fn(graphdef, cfg, obj)(placed.state["params"], placed.ref_params,
-                                                 placement.place_batch(micro))
+    args = (placed.state["params"], placed.ref_params, placement.place_batch(micro))
+    out = placement.grads_fn(graphdef, cfg, obj).lower(*args).compile(FAST_COMPILE)(*args)
     loss, aux, grads = jax.device_get(placement.host_state(out))
     return cfg, host, float(loss), {k: float(v) for k, v in aux.items()}, grads
 

@@ -59,8 +59,23 @@ CASES = [  # (method name, hyperparameters beyond the defaults)
 IDS = [f"{n}-{h.get('retain_loss', h.get('ignore_first_n_answer_tokens', ''))}" for n, h in CASES]
 
 
-@pytest.mark.parametrize("path", ["single", "sharded", "pmap"])
-@pytest.mark.parametrize("name,hparams", CASES, ids=IDS)
+# every case on one device; on each multi-device path each method once (a compile per case and
+# path is most of this file's time), its retain terms split between the two paths
+MULTI_DEVICE = {
+    "sharded": ["NPO-NLL", "SimNPO-KL", "GradAscent-", "GradDiff-NLL", "DPO-KL", "WGA-NLL", "SatImp-KL", "CEU-1"],
+    "pmap": ["NPO-KL", "SimNPO-NLL", "GradAscent-", "GradDiff-KL", "DPO-NLL", "WGA-KL", "SatImp-NLL", "CEU-3"],
+}
+RUNS = [pytest.param(*case, path, id=f"{i}-{path}") for case, i in zip(CASES, IDS, strict=True)
+        for path in ("single", "sharded", "pmap") if path == "single" or i in MULTI_DEVICE[path]]
+
+
+def test_every_method_runs_on_every_path():
+    methods = {name for name, _ in CASES}
+    for path, ids in MULTI_DEVICE.items():
+        assert set(ids) <= set(IDS) and {i.split("-")[0] for i in ids} == methods, path
+
+
+@pytest.mark.parametrize("name,hparams,path", RUNS)
 def test_loss_and_grads_match_open_unlearning_trainer(models, ou_trainers, name, hparams, path, capsys):
     """On one device, a data x fsdp x tensor mesh and pmap (`method_parity.LAYOUTS`), loss groups
     of 4 rows spanning devices and accumulation micro-batches (CE-U, which refuses that: 4 rows
@@ -74,8 +89,10 @@ def test_loss_and_grads_match_open_unlearning_trainer(models, ou_trainers, name,
     want, hf = open_unlearning(ou_trainers[name], ou_hparams, folder, ref_folder, host)
     np.testing.assert_allclose(loss, want, rtol=RTOL)
     # CE-U's gradient is softmax(z) - q, two near-uniform distributions on a random model: its
-    # entries cancel to float32 noise at ~5e-6 of the largest, where the others' stay under 2e-6
-    worst = grad_differences(cfg, grads, hf, floor=1e-5 if name == "CEU" else 1e-6)
+    # entries cancel to float32 noise at ~5e-6 of the largest; the others' stay near 1e-6 on one
+    # device and reach 1.4e-6 where a step sums 4-16 rows on several devices in another order
+    floor = 1e-5 if name == "CEU" else 1e-6 if path == "single" else 2e-6
+    worst = grad_differences(cfg, grads, hf, floor=floor)
     with capsys.disabled():
         print(f"\n{name} {hparams} {path}: loss {want:.6f}, rel diff {abs(loss - want) / abs(want):.2e}, "
               f"max grad rel diff {max(worst.values()):.2e}")
