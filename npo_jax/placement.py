@@ -40,7 +40,9 @@ from npo_jax.train_step import (
     CompiledStep,
     batch_shardings,
     init_state,
+    make_pmap_grads,
     make_pmap_step,
+    make_sharded_grads,
     make_sharded_step,
     state_shardings,
     to_pmap_batch,
@@ -98,6 +100,12 @@ class Placement(abc.ABC):
         """The initial state from float32 `params`, a live reference if `obj` needs one, the step."""
 
     @abc.abstractmethod
+    def grads_fn(self, graphdef, config, obj: Objective):
+        """fn(params, ref_params, batch) -> (loss, aux, grads), placed as `start`'s state["params"],
+        ref_params and `place_batch`'s output: the gradient the step applies, for checking it
+        (`host_state` turns the result into one copy)."""
+
+    @abc.abstractmethod
     def local_rows(self, n: int) -> np.ndarray:
         """Which rows of an n-row micro-batch this process's devices hold (all of them on one host)."""
 
@@ -143,6 +151,11 @@ class ShardedPlacement(Placement):
                                  p_shardings if live else None, span=self.span)
         return Placed(state, ref_params, CompiledStep(step))
 
+    def grads_fn(self, graphdef, config, obj: Objective):
+        p_shardings = self.param_shardings(config)
+        return make_sharded_grads(graphdef, obj, self.mesh, p_shardings, self.units,
+                                  p_shardings if obj.needs_live_reference else None, span=self.span)
+
     def local_rows(self, n: int) -> np.ndarray:
         if jax.process_count() == 1:
             return np.arange(n)
@@ -181,9 +194,15 @@ class PmapPlacement(Placement):
         host = jax.device_get(params)
         state = replicate(init_state(host, tx), devices)
         ref_params = replicate(host, devices) if obj.needs_live_reference else None
-        units = self.units // self.shards  # per device
-        step = make_pmap_step(graphdef, obj, tx, schedule, units=units, span=self.span)
+        step = make_pmap_step(graphdef, obj, tx, schedule, units=self.device_units, span=self.span)
         return Placed(state, ref_params, CompiledStep(step))
+
+    @property
+    def device_units(self) -> int:
+        return self.units // self.shards
+
+    def grads_fn(self, graphdef, config, obj: Objective):
+        return make_pmap_grads(graphdef, obj, units=self.device_units, span=self.span)
 
     def local_rows(self, n: int) -> np.ndarray:
         if jax.process_count() == 1:

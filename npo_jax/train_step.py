@@ -74,12 +74,25 @@ def batch_shardings(batch, mesh) -> dict:
     return jax.tree.map(lambda x: NamedSharding(mesh, PartitionSpec(None, BATCH_AXES)), batch)
 
 
+def step_grads(graphdef, obj: Objective, units: int, span: int = 1, axis_name: str | None = None):
+    """grads(params, ref_params, batch) -> (loss, aux, grads): what a step applies; under pmap
+    (`axis_name`) averaged over the devices. The step and `make_*_grads` share it, so a test of
+    the gradients tests the step's."""
+
+    def grads(params, ref_params, batch):
+        out = accumulated_grads(graphdef, obj, params, ref_params, batch, units, span)
+        return jax.lax.pmean(out, axis_name) if axis_name else out
+
+    return grads
+
+
 def make_sharded_step(graphdef, obj: Objective, tx, schedule, mesh, state_shardings, units: int,
                       ref_shardings=None, span: int = 1):
     """step(state, ref_params, batch) -> (state, metrics), jit over `mesh`, state donated."""
+    grads_fn = step_grads(graphdef, obj, units, span)
 
     def step(state, ref_params, batch):
-        loss, aux, grads = accumulated_grads(graphdef, obj, state["params"], ref_params, batch, units, span)
+        loss, aux, grads = grads_fn(state["params"], ref_params, batch)
         return _apply(state, grads, loss, aux, tx, schedule)
 
     replicated = NamedSharding(mesh, PartitionSpec())
@@ -89,6 +102,15 @@ def make_sharded_step(graphdef, obj: Objective, tx, schedule, mesh, state_shardi
         out_shardings=(state_shardings, replicated),
         donate_argnums=(0,),
     )
+
+
+def make_sharded_grads(graphdef, obj: Objective, mesh, param_shardings, units: int, ref_shardings=None,
+                       span: int = 1):
+    """The sharded step's (loss, aux, grads) without the update: jit over `mesh`, the gradients
+    sharded like their params."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return jax.jit(step_grads(graphdef, obj, units, span), in_shardings=(param_shardings, ref_shardings, None),
+                   out_shardings=(replicated, replicated, param_shardings))
 
 
 class CompiledStep:
@@ -116,14 +138,18 @@ class CompiledStep:
 
 def make_pmap_step(graphdef, obj: Objective, tx, schedule, axis_name: str = "data", units: int = 1, span: int = 1):
     """step(state, ref_params, batch) -> (state, metrics) under pmap; all replicated, batch per device."""
+    grads_fn = step_grads(graphdef, obj, units, span, axis_name)
 
     def step(state, ref_params, batch):
-        loss, aux, grads = accumulated_grads(graphdef, obj, state["params"], ref_params, batch, units, span)
-        grads = jax.lax.pmean(grads, axis_name)
-        loss, aux = jax.lax.pmean((loss, aux), axis_name)
+        loss, aux, grads = grads_fn(state["params"], ref_params, batch)
         return _apply(state, grads, loss, aux, tx, schedule)
 
     return jax.pmap(step, axis_name=axis_name, donate_argnums=(0,))
+
+
+def make_pmap_grads(graphdef, obj: Objective, axis_name: str = "data", units: int = 1, span: int = 1):
+    """The pmap step's (loss, aux, grads) without the update, replicated on every device."""
+    return jax.pmap(step_grads(graphdef, obj, units, span, axis_name), axis_name=axis_name)
 
 
 def to_pmap_batch(batch, n_devices: int):
