@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from hf_models import load_hf
 from test_methods import _grad_differences, _open_unlearning, _ours, _torch, examples, mini, models, ou_trainers
 
+from npo_jax import logprobs
 from npo_jax.data.batches import group_lengths, group_tokens, label_width, pad_examples
 from npo_jax.errors import NpoJaxError
 from npo_jax.losses import Objective
@@ -41,6 +42,16 @@ def _batches(length, retain_length=None):
     return ours, {k: pad_examples(v, longest[k], pad_id=0) for k, v in groups.items()}
 
 
+def _chunk_logits(monkeypatch) -> list:
+    """The large-vocabulary path: LM heads a chunk of 4 positions at a time under jax.checkpoint
+    (the last chunk padded); returns the list of chunk lengths the chunked calls ran with."""
+    monkeypatch.setattr(logprobs, "LOGITS_BUDGET_BYTES", 4 * 4 * 256 * 4)
+    monkeypatch.setattr(logprobs, "CHUNK_POSITIONS", 4)
+    chunks, real_map = [], jax.lax.map
+    monkeypatch.setattr(jax.lax, "map", lambda f, xs, **kw: chunks.append(xs[0].shape[2]) or real_map(f, xs, **kw))
+    return chunks
+
+
 def _torch_undial(hf, ref, batch, beta, alpha, gamma, all_positions, wrapped):
     """UNDIAL from its definition, written independently of open-unlearning's code: the forget
     group's mean over every position t < L-1 (`all_positions`) or over its labelled positions;
@@ -64,14 +75,16 @@ def _torch_undial(hf, ref, batch, beta, alpha, gamma, all_positions, wrapped):
     return loss.item()
 
 
-CASES = [  # (hyperparameters, our padded length)
-    ({"beta": 10.0, "alpha": 2.0, "gamma": 0.7, "retain_loss": "NLL"}, 24),
-    ({"beta": 30.0, "alpha": 0.5, "gamma": 1.5, "retain_loss": "KL"}, 32),
+CASES = [  # (hyperparameters, our padded length, LM heads in chunks)
+    ({"beta": 10.0, "alpha": 2.0, "gamma": 0.7, "retain_loss": "NLL"}, 24, False),
+    ({"beta": 30.0, "alpha": 0.5, "gamma": 1.5, "retain_loss": "KL"}, 32, True),
 ]
 
 
-@pytest.mark.parametrize("hparams,length", CASES, ids=[f"{h['retain_loss']}-beta{h['beta']:g}-L{n}" for h, n in CASES])
-def test_loss_and_grads_match_open_unlearning_trainer(models, ou_trainers, hparams, length, capsys):
+@pytest.mark.parametrize("hparams,length,chunked", CASES,
+                         ids=[f"{h['retain_loss']}-beta{h['beta']:g}-L{n}{'-chunked' * c}" for h, n, c in CASES])
+def test_loss_and_grads_match_open_unlearning_trainer(models, ou_trainers, hparams, length, chunked, monkeypatch,
+                                                      capsys):
     """Defects on: our longer padding gives open-unlearning's value for its own shorter padding.
     Retain KL (`batchmean` over every position) sees the padded length: open-unlearning's retain
     rows are padded like ours there, its forget rows to their longest."""
@@ -80,7 +93,9 @@ def test_loss_and_grads_match_open_unlearning_trainer(models, ou_trainers, hpara
     hf, ref = load_hf(folder), load_hf(ref_folder)
     want = _open_unlearning(ou_trainers["UNDIAL"], hparams, hf, ref, theirs)
     obj = Objective("UNDIAL", **hparams, all_positions_mean=True, wrapped_ignore_index=True)
+    chunks = _chunk_logits(monkeypatch) if chunked else []
     cfg, loss, grads = _ours(folder, ref_folder, obj, ours)
+    assert (4 in chunks) == chunked
     np.testing.assert_allclose(loss, want, rtol=RTOL)
     worst = _grad_differences(cfg, grads, hf)
     with capsys.disabled():
@@ -88,17 +103,20 @@ def test_loss_and_grads_match_open_unlearning_trainer(models, ou_trainers, hpara
               f"max grad rel diff {max(worst.values()):.2e}")
 
 
-@pytest.mark.parametrize("all_positions,wrapped", [(False, False), (True, False), (True, True)])
-def test_loss_and_grads_match_an_independent_formula(models, all_positions, wrapped):
+@pytest.mark.parametrize("all_positions,wrapped,chunked", [(False, False, True), (True, False, False),
+                                                           (True, True, False)])
+def test_loss_and_grads_match_an_independent_formula(models, all_positions, wrapped, chunked, monkeypatch):
     """Each flag against the definition; with both off, the token mean over labelled positions,
-    which no padding changes."""
+    which no padding changes (here with the LM heads in chunks)."""
     folder, ref_folder = models
+    chunks = _chunk_logits(monkeypatch) if chunked else []
     ours, theirs = _batches(32)
     hparams = {"beta": 10.0, "alpha": 0.5, "gamma": 1.0}
     hf, ref = load_hf(folder), load_hf(ref_folder)
     want = _torch_undial(hf, ref, theirs, **hparams, all_positions=all_positions, wrapped=wrapped)
     obj = Objective("UNDIAL", **hparams, all_positions_mean=all_positions, wrapped_ignore_index=wrapped)
     cfg, loss, grads = _ours(folder, ref_folder, obj, ours)
+    assert (4 in chunks) == chunked
     np.testing.assert_allclose(loss, want, rtol=RTOL)
     _grad_differences(cfg, grads, hf)
 
