@@ -107,6 +107,27 @@ def label_suppressed_cross_entropy(logits_fn, hidden, labels, chunk: int | None 
     return jnp.where(mask, ce, 0.0), mask
 
 
+def distillation_cross_entropy(logits_fn, hidden, ref_logits_fn, ref_hidden, labels, beta: float,
+                               wrapped_ignore_index: bool = False, chunk: int | None = None, positions=None):
+    """UNDIAL's per-token loss at the positions `labelled` picks, and the label mask: the
+    cross-entropy of the model's distribution against softmax(teacher logits - beta * onehot(label)),
+    the teacher (the frozen reference, no gradient) on `ref_hidden`. Values at every picked
+    position, labelled or not: where unlabelled the teacher is left as is, or with
+    `wrapped_ignore_index` the logit of token vocab - 100 is lowered (open-unlearning indexes its
+    one-hot by the label -100). Both logits of a chunk are alive at once, as `kl_to_reference`'s."""
+    h, safe, mask = labelled(hidden, labels, positions)
+    r = labelled(ref_hidden, labels, positions)[0]
+
+    def chunk_ce(h_c, r_c, y_c, m_c):
+        logits, teacher = logits_fn(h_c), jax.lax.stop_gradient(ref_logits_fn(r_c))
+        vocab = teacher.shape[-1]
+        target = jnp.where(m_c, y_c, vocab - 100 if wrapped_ignore_index else -1)
+        q = jax.nn.softmax(teacher - beta * (jnp.arange(vocab) == target[..., None]), axis=-1)
+        return -jnp.sum(q * jax.nn.log_softmax(logits, axis=-1), axis=-1)
+
+    return _chunked(chunk_ce, (h, r, safe, mask), chunk, logits_fn), mask
+
+
 def sequence_logprob(logits_fn, hidden, labels, chunk: int | None = None, positions=None):
     """Summed log-prob of each sequence's labelled tokens, and their count: (batch,), (batch,)."""
     logp, mask = token_logprobs(logits_fn, hidden, labels, chunk, positions)

@@ -52,13 +52,16 @@ class Objective(NamedTuple):
     beta1: float = 5.0  # SatImp
     beta2: float = 1.0  # SatImp
     ignore_first_n_answer_tokens: int = 1  # CEU
+    all_positions_mean: bool = True  # UNDIAL: open-unlearning's mean over every padded position
+    wrapped_ignore_index: bool = True  # UNDIAL: open-unlearning's penalty on token vocab-100 where unlabelled
 
     @classmethod
     def from_config(cls, method) -> Objective:
         """The unlearning objective of a `run_config.MethodConfig`."""
         return cls(method.name, beta=method.beta, alpha=method.alpha, gamma=method.gamma, delta=method.delta,
                    retain_loss=method.retain_loss, reference=method.reference, beta1=method.beta1,
-                   beta2=method.beta2, ignore_first_n_answer_tokens=method.ignore_first_n_answer_tokens)
+                   beta2=method.beta2, ignore_first_n_answer_tokens=method.ignore_first_n_answer_tokens,
+                   all_positions_mean=method.all_positions_mean, wrapped_ignore_index=method.wrapped_ignore_index)
 
     @classmethod
     def finetune(cls) -> Objective:
@@ -85,7 +88,8 @@ class Objective(NamedTuple):
 
     @property
     def needs_live_reference(self) -> bool:
-        return self.reference_source == "live" or (self.uses_retain and self.retain_loss == "KL")
+        return (self.reference_source == "live" or (self.uses_retain and self.retain_loss == "KL")
+                or bool(getattr(self.module, "TEACHER_GROUPS", ())))
 
     @property
     def uses_retain(self) -> bool:
@@ -149,10 +153,16 @@ def objective_loss(model, ref_model, batch: dict, obj: Objective, units: int, sp
         g = batch[group]
         return fn(model.logits, hidden[names.index(group) * n:][:n], g["labels"], positions=g.get("label_positions"))
 
+    def teacher_per_token(group, fn, every_position=False):
+        g = batch[group]
+        ref_h = jax.lax.stop_gradient(train_hidden(ref_model, g["input_ids"], g["attention_mask"]))
+        return fn(model.logits, hidden[names.index(group) * n:][:n], ref_model.logits, ref_h, g["labels"],
+                  positions=None if every_position else g.get("label_positions"))
+
     s = Scored({k: lp[split[k]] for k in scored}, {k: nt[split[k]] for k in scored},
                {k: batch[k].get("group_tokens") for k in scored},
                _reference_logprobs(ref_model, batch, obj, method.REFERENCE_GROUPS), units, span,
-               {k: tlp[split[k]] for k in scored}, batch, per_token)
+               {k: tlp[split[k]] for k in scored}, batch, per_token, teacher_per_token)
     forget_loss = method.forget_loss(s, obj)
     aux = {"forget_loss": forget_loss}
     if not method.RETAIN:

@@ -79,6 +79,10 @@ class MethodConfig:
     beta1: float = 5.0  # SatImp: the saturation weight's exponent
     beta2: float = 1.0  # SatImp: the importance weight's exponent
     ignore_first_n_answer_tokens: int = 1  # CEU: labelled tokens of each row left out of the loss
+    # UNDIAL, open-unlearning's defects (on by the method's defaults; docs/methods.md): a mean over
+    # every padded position of the loss group, and the teacher's token vocab-100 lowered where unlabelled
+    all_positions_mean: bool = False
+    wrapped_ignore_index: bool = False
 
 
 @dataclass

@@ -62,6 +62,13 @@ def group_tokens(examples: list[Example], length: int, group: int) -> np.ndarray
     return np.repeat(counts.reshape(-1, group).sum(1), group).astype(np.float32)
 
 
+def group_lengths(examples: list[Example], length: int, group: int) -> np.ndarray:
+    """(n,) int32: the longest example (at most `length`) of each example's loss group, the length
+    open-unlearning pads the group's micro-batch to (UNDIAL's all-positions mean, `npo_jax.methods.undial`)."""
+    lengths = np.array([min(len(e.input_ids), length) for e in examples], np.int32)
+    return np.repeat(lengths.reshape(-1, group).max(1), group).astype(np.int32)
+
+
 def label_width(examples: list[Example], length: int) -> int:
     """Padded count of labelled next-token positions for these examples at this padded length."""
     most = max((int(np.count_nonzero(np.asarray(e.labels[1:length]) != IGNORE)) for e in examples), default=0)
@@ -212,7 +219,8 @@ def step_batch(plan: StepPlan, step: int, forget: list[Example], *, buckets: lis
 
     `rows` keeps only those positions of the step's examples (one host's share of the batch); the
     padded length is still the whole step's, so every host pads alike. With `loss_group`, each
-    group also gets `group_tokens` (`group_tokens`, over the whole step's groups).
+    group also gets `group_tokens` (`group_tokens`, over the whole step's groups), and "forget"
+    its `group_length` (`group_lengths`).
     """
     epochs, idx = plan.positions(step)
     chosen = [forget[i] for i in idx]
@@ -220,24 +228,25 @@ def step_batch(plan: StepPlan, step: int, forget: list[Example], *, buckets: lis
     alternates = alternate.examples(idx, epochs) if alternate is not None else []
     length = bucket_length(max(len(e.input_ids) for e in chosen + partners + alternates), buckets)
     width = label_width(chosen + partners + alternates, length)  # the whole step's, like the length
-    tokens = {}
+    per_row = {}  # (batch group, key) -> (n,) values of each row's loss group
     if loss_group is not None:
-        tokens["forget"] = group_tokens(chosen, length, loss_group)
+        per_row["forget", "group_tokens"] = group_tokens(chosen, length, loss_group)
+        per_row["forget", "group_length"] = group_lengths(chosen, length, loss_group)
         if partners:
-            tokens["retain"] = group_tokens(partners, length, loss_group)
+            per_row["retain", "group_tokens"] = group_tokens(partners, length, loss_group)
     if rows is not None:
         idx, chosen = idx[rows], [chosen[r] for r in rows]
         partners = [partners[r] for r in rows] if partners else []
         alternates = [alternates[r] for r in rows] if alternates else []
-        tokens = {k: v[rows] for k, v in tokens.items()}
+        per_row = {k: v[rows] for k, v in per_row.items()}
     kw = dict(pad_id=pad_id, eot_id=eot_id, eot_mask_quirk=eot_mask_quirk, width=width)
     batch = {"forget": pad_examples(chosen, length, **kw), "forget_index": idx.astype(np.int32)}
     if retain is not None:
         batch["retain"] = pad_examples(partners, length, **kw)
     if alternates:
         batch["alternate"] = pad_examples(alternates, length, **kw)
-    for key, value in tokens.items():
-        batch[key]["group_tokens"] = value
+    for (group, key), value in per_row.items():
+        batch[group][key] = value
     if ref_logp is not None:
         batch["forget_ref_logp"] = ref_logp[idx].astype(np.float32)
     return batch

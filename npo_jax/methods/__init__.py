@@ -3,7 +3,9 @@
 A method module has NAME; HPARAMS, the `method.*` keys it reads with its default (open-unlearning's
 `method_args` defaults; `retain_loss` is open-unlearning's `retain_loss_type`); RETAIN, whether it
 adds `alpha *` a retain term (NLL or KL, `npo_jax.losses`); FORGET_GROUPS, the batch groups its
-loss scores; REFERENCE_GROUPS, those whose frozen-reference log-probs it needs; and
+loss scores; REFERENCE_GROUPS, those whose frozen-reference log-probs it needs; optionally
+TEACHER_GROUPS, those whose frozen reference's full-vocabulary logits it needs (a live reference
+forward: `Scored.teacher_per_token`); and
 `forget_loss(scored, objective)`, its forget term per unit (`npo_jax.methods.common.Scored`).
 Modules load on first use (`get`), so the config schema can name the methods without importing
 JAX. The trainer loop never sees a method: `npo_jax.losses.objective_loss` runs the one shared forward
@@ -21,7 +23,7 @@ from npo_jax.errors import NpoJaxError
 # for DPO on TOFU's refusals (docs/methods.md)
 REGISTRY = {"NPO": "npo", "SimNPO": "simnpo", "GradAscent": "grad_ascent", "GradDiff": "grad_diff", "DPO": "dpo",
             "IdkDPO": "dpo", "WGA": "wga", "SatImp": "satimp",
-            "CEU": "ceu"}
+            "CEU": "ceu", "UNDIAL": "undial"}
 NAMES = tuple(REGISTRY)
 FINETUNE = "finetune"  # the `npo-jax finetune` objective: a module, not a method.name
 

@@ -27,6 +27,10 @@ class Scored(NamedTuple):
     # per_token(group, fn): fn(logits_fn, the group's hidden states, labels, positions=) -> (values, mask),
     # a `npo_jax.logprobs` function of the group's labelled positions (another LM-head pass)
     per_token: Callable
+    # teacher_per_token(group, fn, every_position): fn(logits_fn, hidden, ref_logits_fn, ref_hidden,
+    # labels, positions=), the group's hidden states beside the live frozen reference's (TEACHER_GROUPS
+    # methods); every_position: every t < L-1 instead of the labelled positions
+    teacher_per_token: Callable | None = None
 
 
 def per_unit(x, units: int):
