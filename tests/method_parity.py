@@ -34,6 +34,7 @@ from npo_jax.model_io import load_hf_params
 from npo_jax.params import param_specs
 from npo_jax.placement import make_placement
 from npo_jax.run_config import load_run_config
+from npo_jax.train_step import accumulated_grads
 from npo_jax.tree_paths import get_path
 
 OU_SRC = SHARED / "reference" / "open-unlearning" / "src"
@@ -184,9 +185,19 @@ def _torch(group):
     return {k: torch.tensor(np.asarray(group[k]), dtype=torch.long) for k in KEYS}
 
 
-def open_unlearning(cls, hparams, folder, ref_folder, host: dict):
+def _collated(group: dict) -> dict:
+    """A micro-batch cut to its longest row, as open-unlearning's collator pads it (right padding):
+    UNDIAL's forget mean runs over every padded position, and ours is exact for that length."""
+    longest = int(np.asarray(group["attention_mask"]).sum(-1).max())
+    return {k: np.asarray(v)[:, :longest] for k, v in group.items()}
+
+
+def open_unlearning(cls, hparams, folder, ref_folder, host: dict, collate=()):
     """open-unlearning's step on `host`'s rows: the mean of its trainer's `compute_loss` over the
-    micro-batches of GROUP rows, backpropagated into a fresh HF model of `folder` (returned).
+    micro-batches of GROUP rows, backpropagated into a fresh HF model of `folder` (returned). The
+    groups in `collate` are cut to each micro-batch's longest row, as open-unlearning pads them;
+    the others keep the step's padding (the retain KL's `batchmean` sees the padded length, a
+    documented difference: docs/conventions.md).
     The trainer is built without HF Trainer's setup (compute_loss reads only the method's attributes)."""
     hf, ref = load_hf(folder), load_hf(ref_folder)
     trainer = cls.__new__(cls)
@@ -197,7 +208,8 @@ def open_unlearning(cls, hparams, folder, ref_folder, host: dict):
     n = host["forget"]["input_ids"].shape[0]
     losses = []
     for lo in range(0, n, GROUP):
-        rows = {k: _torch({key: g[key][lo:lo + GROUP] for key in KEYS}) for k, g in host.items()}
+        rows = {k: {key: g[key][lo:lo + GROUP] for key in KEYS} for k, g in host.items()}
+        rows = {k: _torch(_collated(g) if k in collate else g) for k, g in rows.items()}
         if "alternate" in rows:
             rows["forget"] = {"original": rows["forget"], "alternate": rows.pop("alternate")}
         losses.append(trainer.compute_loss(hf, rows))
@@ -218,3 +230,33 @@ def grad_differences(cfg, grads, hf, floor=1e-6):
             np.testing.assert_allclose(g, ref, rtol=RTOL, atol=floor * np.abs(ref).max() + 1e-9, err_msg=name)
             worst[name] = float(np.abs(g - ref).max() / np.abs(ref).max())
     return worst
+
+
+def open_unlearning_on_batch(cls, hparams, hf, ref, batch):
+    """open-unlearning's `compute_loss` on one padded micro-batch `batch` (as its collator would
+    pad it, or not), backpropagated into `hf`; the loss. For tests that choose their own padding."""
+    trainer = cls.__new__(cls)
+    ou_names = {"retain_loss": "retain_loss_type"}
+    for k, v in hparams.items():
+        setattr(trainer, ou_names.get(k, k), v)
+    trainer.model, trainer.ref_model = hf, ref
+    inputs = {k: _torch(v) for k, v in batch.items() if k != "alternate"}
+    if "alternate" in batch:
+        inputs["forget"] = {"original": inputs["forget"], "alternate": _torch(batch["alternate"])}
+    loss = trainer.compute_loss(hf, inputs)
+    loss.backward()
+    return loss.item()
+
+
+def one_device(folder, ref_folder, obj, batch):
+    """Our loss and gradients for one micro-batch `batch` (one loss group) on one device, through
+    the step's `accumulated_grads`: (cfg, loss, grads). Asserts the method's own term is not lost
+    in the total, so the comparison covers it."""
+    cfg, params = load_hf_params(folder)
+    _, ref_params = load_hf_params(ref_folder)
+    graphdef, _ = split_params(abstract_model(cfg))
+    stacked = jax.tree.map(lambda x: np.asarray(x)[None], batch)  # one micro-batch
+    loss, aux, grads = accumulated_grads(graphdef, obj, params, ref_params if obj.needs_live_reference else None,
+                                         stacked, units=1)
+    assert abs(obj.gamma * float(aux["forget_loss"])) > 0.02 * abs(float(loss)), aux
+    return cfg, float(loss), grads

@@ -21,6 +21,10 @@ THEIR_NAME = {"retain_loss": "retain_loss_type"}
 OURS_ONLY = {
     "reference": "NPO: `cached` computes the starting model's forget log-probs once instead of keeping a "
                  "frozen copy (the same values; `live` keeps the copy, as open-unlearning does)",
+    "all_positions_mean": "UNDIAL: open-unlearning's mean over every padded position, a defect kept by default "
+                          "and switchable (docs/methods.md)",
+    "wrapped_ignore_index": "UNDIAL: open-unlearning's teacher penalty on token vocab-100 where unlabelled, a "
+                            "defect kept by default and switchable (docs/methods.md)",
 }
 # open-unlearning method_args we deliberately do not take, and why (none for the methods so far)
 THEIRS_NOT_TAKEN: dict[str, str] = {}

@@ -12,7 +12,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from hf_models import load_hf
-from test_methods import _grad_differences, _open_unlearning, _ours, _torch, examples, mini, models, ou_trainers
+from method_parity import _torch, examples
+from method_parity import grad_differences as _grad_differences
+from method_parity import one_device as _ours
+from method_parity import open_unlearning_on_batch as _open_unlearning
+from test_methods import mini, models, ou_trainers
 
 from npo_jax import logprobs
 from npo_jax.data.batches import group_lengths, group_tokens, label_width, pad_examples
@@ -27,7 +31,7 @@ from npo_jax.train_step import accumulated_grads
 
 __all__ = ["mini", "models", "ou_trainers"]  # fixtures, used by name
 RTOL = 1e-4
-CONFIG = Path(__file__).resolve().parents[1] / "configs/unlearn/tofu_llama3.2_3b_UNDIAL.yaml"
+CONFIG = Path(__file__).resolve().parents[1] / "configs/unlearn/tofu_llama3.2_3b_undial.yaml"
 
 
 def _batches(length, retain_length=None):
@@ -183,7 +187,7 @@ def test_config_defaults_and_the_seed_config():
     obj = Objective.from_config(cfg.method)
     assert (obj.method, obj.beta, obj.alpha, obj.gamma, obj.all_positions_mean, obj.wrapped_ignore_index) == \
         ("UNDIAL", 10.0, 0.0, 1.0, True, True)
-    assert (cfg.optim.lr, cfg.optim.epochs) == (1e-4, 10)
+    assert (cfg.optim.lr, cfg.optim.epochs) == (1e-5, 10)
     assert obj.needs_live_reference and not obj.cached_reference
     off = load_run_config(CONFIG, ["model.path=m", "method.all_positions_mean=false"]).method
     assert not off.all_positions_mean and off.wrapped_ignore_index

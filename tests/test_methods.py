@@ -53,7 +53,13 @@ CASES = [  # (method name, hyperparameters beyond the defaults)
     ("CEU", {"ignore_first_n_answer_tokens": 1}),
     ("CEU", {"ignore_first_n_answer_tokens": 3}),
     ("CEU", {"ignore_first_n_answer_tokens": 0}),
+    # open-unlearning's two UNDIAL defects on (its defaults); off: tests/test_method_undial.py
+    ("UNDIAL", {"beta": 10.0, "alpha": 0.5, "gamma": 1.0, "retain_loss": "NLL", "all_positions_mean": True,
+                "wrapped_ignore_index": True}),
+    ("UNDIAL", {"beta": 3.0, "alpha": 2.0, "gamma": 1.0, "retain_loss": "KL", "all_positions_mean": True,
+                "wrapped_ignore_index": True}),
 ]
+OURS_ONLY = ("reference", "all_positions_mean", "wrapped_ignore_index")  # keys open-unlearning's trainer lacks
 
 
 IDS = [f"{n}-{h.get('retain_loss', h.get('ignore_first_n_answer_tokens', ''))}" for n, h in CASES]
@@ -62,8 +68,10 @@ IDS = [f"{n}-{h.get('retain_loss', h.get('ignore_first_n_answer_tokens', ''))}" 
 # every case on one device; on each multi-device path each method once (a compile per case and
 # path is most of this file's time), its retain terms split between the two paths
 MULTI_DEVICE = {
-    "sharded": ["NPO-NLL", "SimNPO-KL", "GradAscent-", "GradDiff-NLL", "DPO-KL", "WGA-NLL", "SatImp-KL", "CEU-1"],
-    "pmap": ["NPO-KL", "SimNPO-NLL", "GradAscent-", "GradDiff-KL", "DPO-NLL", "WGA-KL", "SatImp-NLL", "CEU-3"],
+    "sharded": ["NPO-NLL", "SimNPO-KL", "GradAscent-", "GradDiff-NLL", "DPO-KL", "WGA-NLL", "SatImp-KL", "CEU-1",
+                "UNDIAL-NLL"],
+    "pmap": ["NPO-KL", "SimNPO-NLL", "GradAscent-", "GradDiff-KL", "DPO-NLL", "WGA-KL", "SatImp-NLL", "CEU-3",
+             "UNDIAL-KL"],
 }
 RUNS = [pytest.param(*case, path, id=f"{i}-{path}") for case, i in zip(CASES, IDS, strict=True)
         for path in ("single", "sharded", "pmap") if path == "single" or i in MULTI_DEVICE[path]]
@@ -85,8 +93,9 @@ def test_loss_and_grads_match_open_unlearning_trainer(models, ou_trainers, name,
     cfg, host, loss, aux, grads = grads_on(layout(path, spanning=name != "CEU"), folder, ref_folder, obj)
     # the comparison covers the method's own term only if that term is not lost in the total
     assert abs(obj.gamma * aux["forget_loss"]) > 0.02 * abs(loss), aux
-    ou_hparams = {k: v for k, v in hparams.items() if k != "reference"}
-    want, hf = open_unlearning(ou_trainers[name], ou_hparams, folder, ref_folder, host)
+    ou_hparams = {k: v for k, v in hparams.items() if k not in OURS_ONLY}
+    collate = ("forget",) if name == "UNDIAL" else ()  # exact for open-unlearning's own forget padding
+    want, hf = open_unlearning(ou_trainers[name], ou_hparams, folder, ref_folder, host, collate=collate)
     np.testing.assert_allclose(loss, want, rtol=RTOL)
     # CE-U's gradient is softmax(z) - q, two near-uniform distributions on a random model: its
     # entries cancel to float32 noise at ~5e-6 of the largest; the others' stay near 1e-6 on one
