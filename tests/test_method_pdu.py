@@ -237,13 +237,13 @@ def _duals(out):
 def test_dual_is_checkpointed_and_restored_exactly(mini, tmp_path):
     """Epoch updates (no warmup): the dual holds through epoch 1 and changes at each epoch end. A
     run stopped after step 3 (sharded) and resumed (pmap) restores the saved dual bit for bit and
-    takes its step-4 record and epoch-2 update from it."""
+    takes its step-4 record and epoch-2 update from it; the run exports as any other."""
     out = tmp_path / "run"
     first = _trainer(mini, out, "method.dual_update_upon=epoch", "method.dual_warmup_epochs=0", max_steps=3)
     first.train()
     saved = jax.device_get(first.state["method"])
     resumed = _trainer(mini, out, "method.dual_update_upon=epoch", "method.dual_warmup_epochs=0",
-                       "parallel.strategy=pmap", resume=True)
+                       "parallel.strategy=pmap", "checkpoint.export_hf=true", resume=True)
     assert resumed.start_step == 3
     restored = jax.device_get(resumed.placement.host_state(resumed.state)["method"])
     assert all(np.array_equal(restored[k], saved[k]) for k in saved) and int(saved["dual_updates"]) == 1
@@ -252,3 +252,4 @@ def test_dual_is_checkpointed_and_restored_exactly(mini, tmp_path):
     assert duals[0] == duals[1] == 0.5 and duals[2] == duals[3] == float(saved["retain_preference"]) != 0.5, duals
     final = jax.device_get(resumed.placement.host_state(resumed.state)["method"])
     assert float(final["retain_preference"]) != duals[3]
+    assert (out / "hf" / "config.json").is_file()  # the export reads the params alone, as for any method
