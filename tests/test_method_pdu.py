@@ -253,3 +253,19 @@ def test_dual_is_checkpointed_and_restored_exactly(mini, tmp_path):
     final = jax.device_get(resumed.placement.host_state(resumed.state)["method"])
     assert float(final["retain_preference"]) != duals[3]
     assert (out / "hf" / "config.json").is_file()  # the export reads the params alone, as for any method
+
+
+def test_sharded_step_carries_the_dual_over_its_loss_groups(mini, tmp_path):
+    """The jitted step on an 8-device mesh (8 loss groups of one row per micro-batch): its loss and
+    dual equal the one-device computation on the same batch."""
+    out = tmp_path / "run"
+    trainer = _trainer(mini, out, "method.dual_warmup_epochs=0", max_steps=1)
+    host, _ = trainer._host_batch(0)
+    trainer.train()
+    record = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    _, params = load_hf_params(mini[2])
+    obj = trainer.objective
+    loss, aux, _ = jax.jit(lambda p, b: accumulated_grads(trainer.graphdef, obj, p, None, b, units=8))(params, host)
+    np.testing.assert_allclose(record["loss"], float(loss), rtol=1e-5)
+    np.testing.assert_allclose(record["retain_preference"], float(aux["method_state"]["retain_preference"]), rtol=1e-5)
+    assert record["retain_preference"] != obj.alpha
