@@ -183,3 +183,24 @@ def token_logprobs_and_argmax(logits_fn, hidden, labels, chunk: int | None = Non
 
     out = _chunked(chunk_fn, (h, safe), chunk, logits_fn)
     return jnp.where(mask, out[..., 0], 0.0), out[..., 1].astype(jnp.int32), mask
+
+
+def logit_margin_squared(logits_fn, hidden, labels, chunk: int | None = None, positions=None, shift: bool = True):
+    """PDU's per-token forget loss (max_v z - mean_v z)^2 of the logits z, and the mask. With
+    `shift` the logits at the positions `labelled` picks (hidden state t for label t + 1); without,
+    open-unlearning's form: the logits at t itself wherever labels[t] != -100 (with `positions`,
+    the positions after them: a label at position 0, never one in a chat, is then not seen)."""
+    if shift:
+        h, _, mask = labelled(hidden, labels, positions)
+    elif positions is None:
+        h, mask = hidden, labels != IGNORE
+    else:
+        take = jax.vmap(lambda x, i: jnp.take(x, i, axis=0, mode="clip"))
+        h, mask = take(hidden, jnp.maximum(positions, 0) + 1), positions >= 0
+
+    def chunk_margin(h_c):
+        logits = logits_fn(h_c)
+        return (logits.max(axis=-1) - logits.mean(axis=-1)) ** 2
+
+    margin = _chunked(chunk_margin, (h,), chunk, logits_fn)
+    return jnp.where(mask, margin, 0.0), mask

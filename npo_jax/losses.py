@@ -34,7 +34,7 @@ import jax.numpy as jnp
 
 from npo_jax import methods
 from npo_jax.logprobs import kl_to_reference, token_logprobs
-from npo_jax.methods.common import Scored, per_unit, token_mean_nll
+from npo_jax.methods.common import Scored, UnitOrder, per_unit, token_mean_nll
 from npo_jax.model import train_hidden
 
 
@@ -54,6 +54,12 @@ class Objective(NamedTuple):
     ignore_first_n_answer_tokens: int = 1  # CEU
     all_positions_mean: bool = True  # UNDIAL: open-unlearning's mean over every padded position
     wrapped_ignore_index: bool = True  # UNDIAL: open-unlearning's penalty on token vocab-100 where unlabelled
+    retain_loss_eps: float = 0.0  # PDU (required in a config)
+    primal_dual: bool = True  # PDU
+    dual_step_size: float = 1.0  # PDU
+    dual_update_upon: str = "step"  # PDU: step | epoch
+    dual_warmup_epochs: int = 5  # PDU
+    logit_shift_quirk: bool = True  # PDU: open-unlearning's unshifted forget logits
 
     @classmethod
     def from_config(cls, method) -> Objective:
@@ -61,7 +67,11 @@ class Objective(NamedTuple):
         return cls(method.name, beta=method.beta, alpha=method.alpha, gamma=method.gamma, delta=method.delta,
                    retain_loss=method.retain_loss, reference=method.reference, beta1=method.beta1,
                    beta2=method.beta2, ignore_first_n_answer_tokens=method.ignore_first_n_answer_tokens,
-                   all_positions_mean=method.all_positions_mean, wrapped_ignore_index=method.wrapped_ignore_index)
+                   all_positions_mean=method.all_positions_mean, wrapped_ignore_index=method.wrapped_ignore_index,
+
+                   retain_loss_eps=method.retain_loss_eps, primal_dual=method.primal_dual,
+                   dual_step_size=method.dual_step_size, dual_update_upon=method.dual_update_upon,
+                   dual_warmup_epochs=method.dual_warmup_epochs, logit_shift_quirk=method.logit_shift_quirk)
 
     @classmethod
     def finetune(cls) -> Objective:
@@ -95,6 +105,11 @@ class Objective(NamedTuple):
     def uses_retain(self) -> bool:
         return self.module.RETAIN
 
+    def initial_state(self) -> dict | None:
+        """The method's training state at the start (None: it has none), `npo_jax.methods`."""
+        init = getattr(self.module, "initial_state", None)
+        return init(self) if init is not None else None
+
 
 def _positions(groups):
     """The groups' label_positions stacked, or None (every position scored) if any lacks them."""
@@ -127,8 +142,12 @@ def _reference_logprobs(ref_model, batch: dict, obj: Objective, names) -> dict:
     return {k: lp[i * n:(i + 1) * n] for i, k in enumerate(names)}
 
 
-def objective_loss(model, ref_model, batch: dict, obj: Objective, units: int, span: int = 1):
+def objective_loss(model, ref_model, batch: dict, obj: Objective, units: int, span: int = 1, state=None,
+                   order: UnitOrder | None = None):
     """Per-unit losses (units,) and a dict of per-unit terms, for one micro-batch.
+
+    A method with training state (`Objective.initial_state`) gets `state` (the state before this
+    micro-batch) and `order`, and returns the state after it as the terms' "method_state".
 
     `batch` holds (n, L) `input_ids`, `labels`, `attention_mask` (and optionally (n, W)
     `label_positions`, the LM head then runs on those rows only) under "forget" (and the method's
@@ -176,4 +195,18 @@ def objective_loss(model, ref_model, batch: dict, obj: Objective, units: int, sp
         kl = kl_to_reference(model.logits, hidden[-n:], ref_model.logits, jax.lax.stop_gradient(ref_h))
         retain_loss = per_unit(kl, units).mean(axis=(1, 2))  # batchmean over the unit's positions
     aux["retain_loss"] = retain_loss
+    if state is not None:
+        losses, aux["method_state"] = method.total_loss(forget_loss, retain_loss, obj, state, order or UnitOrder())
+        return losses, aux
     return obj.gamma * forget_loss + obj.alpha * retain_loss, aux
+
+
+def retain_loss_only(model, ref_model, retain: dict, obj: Objective, units: int, span: int = 1):
+    """The retain term per unit of one micro-batch's retain rows alone (a forward with no forget
+    rows): what an epoch-end pass over the retain batches measures."""
+    hidden = train_hidden(model, retain["input_ids"], retain["attention_mask"])
+    if obj.retain_loss == "NLL":
+        logp, n = _label_logprobs(model, hidden, [retain])
+        return token_mean_nll(logp.sum(-1), n, units, span, retain.get("group_tokens"))
+    ref_h = train_hidden(ref_model, retain["input_ids"], retain["attention_mask"])
+    return per_unit(kl_to_reference(model.logits, hidden, ref_model.logits, ref_h), units).mean(axis=(1, 2))

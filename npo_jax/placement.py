@@ -42,6 +42,7 @@ from npo_jax.train_step import (
     init_state,
     make_pmap_grads,
     make_pmap_step,
+    make_retain_eval,
     make_sharded_grads,
     make_sharded_step,
     state_shardings,
@@ -114,6 +115,14 @@ class Placement(abc.ABC):
         """This host's rows, (accum, local rows, ...) numpy arrays, as the step's input."""
 
     @abc.abstractmethod
+    def retain_eval(self, graphdef, obj: Objective):
+        """f(state, ref_params, placed batch) -> the batch's mean retain term (a host float)."""
+
+    @abc.abstractmethod
+    def with_method_state(self, state: dict, method_state: dict) -> dict:
+        """`state` with its "method" entry replaced by `method_state` (host values)."""
+
+    @abc.abstractmethod
     def host_state(self, state: dict) -> dict:
         """The state as one copy of every array (what a checkpoint holds)."""
 
@@ -143,8 +152,9 @@ class ShardedPlacement(Placement):
 
     def start(self, graphdef, config, params, obj: Objective, tx, schedule) -> Placed:
         p_shardings = self.param_shardings(config)
-        shardings = state_shardings(tx, params, p_shardings, self.mesh)
-        state = jax.jit(lambda p: init_state(p, tx), out_shardings=shardings)(params)
+        method_state = obj.initial_state()
+        shardings = state_shardings(tx, params, p_shardings, self.mesh, method_state)
+        state = jax.jit(lambda p: init_state(p, tx, method_state), out_shardings=shardings)(params)
         live = obj.needs_live_reference
         ref_params = jax.tree.map(jnp.copy, params) if live else None
         step = make_sharded_step(graphdef, obj, tx, schedule, self.mesh, shardings, self.units,
@@ -169,6 +179,16 @@ class ShardedPlacement(Placement):
             lambda x, s: jax.make_array_from_process_local_data(s, x, (self.accum, self.rows, *x.shape[2:])),
             host, shardings)
 
+    def retain_eval(self, graphdef, obj: Objective):
+        f = make_retain_eval(graphdef, obj, self.units, self.span)
+        return lambda state, ref_params, batch: float(f(state["params"], ref_params, batch))
+
+    def with_method_state(self, state: dict, method_state: dict) -> dict:
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+        new = jax.tree.map(lambda old, v: jax.device_put(np.asarray(v, old.dtype), replicated), state["method"],
+                           method_state)
+        return {**state, "method": new}
+
     def host_state(self, state: dict) -> dict:
         return state
 
@@ -192,7 +212,7 @@ class PmapPlacement(Placement):
     def start(self, graphdef, config, params, obj: Objective, tx, schedule) -> Placed:
         devices = jax.local_devices()
         host = jax.device_get(params)
-        state = replicate(init_state(host, tx), devices)
+        state = replicate(init_state(host, tx, jax.device_get(obj.initial_state())), devices)
         ref_params = replicate(host, devices) if obj.needs_live_reference else None
         step = make_pmap_step(graphdef, obj, tx, schedule, units=self.device_units, span=self.span)
         return Placed(state, ref_params, CompiledStep(step))
@@ -213,6 +233,14 @@ class PmapPlacement(Placement):
 
     def place_batch(self, host: dict):
         return to_pmap_batch(host, jax.local_device_count())
+
+    def retain_eval(self, graphdef, obj: Objective):
+        f = make_retain_eval(graphdef, obj, self.units // self.shards, self.span, axis_name="data")
+        return lambda state, ref_params, batch: float(f(state["params"], ref_params, batch)[0])
+
+    def with_method_state(self, state: dict, method_state: dict) -> dict:
+        host = jax.tree.map(lambda old, v: np.asarray(v, old.dtype), state["method"], method_state)
+        return {**state, "method": replicate(host, jax.local_devices())}
 
     def host_state(self, state: dict) -> dict:
         return jax.tree.map(lambda x: x[0], state)

@@ -83,6 +83,15 @@ class MethodConfig:
     # every padded position of the loss group, and the teacher's token vocab-100 lowered where unlabelled
     all_positions_mean: bool = False
     wrapped_ignore_index: bool = False
+    # PDU (docs/methods.md): the retain constraint's bound (required), the dual's updates
+    retain_loss_eps: float = 0.0
+    primal_dual: bool = True
+    dual_step_size: float = 1.0
+    dual_update_upon: Literal["step", "epoch"] = "step"
+    dual_warmup_epochs: int = 5
+    loss_names: list[str] = field(default_factory=lambda: ["forget_loss", "retain_loss"])
+    # true: open-unlearning's forget logits, unshifted (position t for label t), as its PDU runs
+    logit_shift_quirk: bool = True
 
 
 @dataclass
@@ -164,6 +173,9 @@ RANGES = {
     "method.beta1": (0, None),
     "method.beta2": (0, None),
     "method.ignore_first_n_answer_tokens": (0, None),
+    "method.retain_loss_eps": (None, None),
+    "method.dual_step_size": (0, None),
+    "method.dual_warmup_epochs": (0, None),
     "optim.lr": ({0}, None),
     "optim.epochs": (1, None),
     "optim.warmup_epochs": (0, None),
@@ -229,7 +241,12 @@ def _resolve_method(cfg: RunConfig, given, where: str) -> None:
                               f"(its keys: {', '.join(hparams) or 'none'})")
     for key, default in hparams.items():
         if key not in given:
+            if default == methods.REQUIRED:
+                raise NpoJaxError(f"{where}: method.{key} must be set for method.name={cfg.method.name} (it has "
+                                  "no default; docs/methods.md)")
             setattr(cfg.method, key, default)
+    if (check := getattr(methods.get(cfg.method.name), "check_config", None)) is not None:
+        check(cfg.method, where)
     if "alternate" in methods.get(cfg.method.name).FORGET_GROUPS and cfg.data.idk_path is None:
         raise NpoJaxError(f"{where}: method.name={cfg.method.name} needs data.idk_path (the refusals, one per "
                           "line: TOFU's idontknow.jsonl)")

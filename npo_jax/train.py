@@ -155,6 +155,7 @@ class Trainer:
         del params  # the state holds its own copy; the loaded one would take the room a restore needs
         self.checkpoints = TrainCheckpoints(ckpt_dir, cfg.checkpoint.keep, cfg.checkpoint.checksums)
         self.start_step = 0
+        self._retain_eval = None  # compiled on first use (`_retain_mean`)
         if resume and (latest := self.checkpoints.latest_step()) is not None:
             state, self.start_step = self.checkpoints.restore(
                 latest, self.placement.abstract_state(self.state), total_steps=self.plan.total_steps, seed=cfg.seed,
@@ -195,6 +196,25 @@ class Trainer:
         host = jax.tree.map(lambda x: x.reshape(accum, len(local), *x.shape[1:]), host)
         return host, data.step_tokens(*self.plan.positions(step))
 
+    def _epoch_end(self, done: int) -> None:
+        """After `done` steps, if they end an epoch: the method's epoch update of its training state
+        (`npo_jax.methods`; PDU's dual), given the epoch's count and a retain pass on demand."""
+        update = getattr(self.objective.module, "epoch_end", None)
+        epoch = self.plan.epoch(done - 1)
+        if update is None or (done < self.plan.total_steps and self.plan.epoch(done) == epoch):
+            return
+        state = jax.device_get(self.placement.host_state(self.state)["method"])
+        new = update(self.objective, state, epoch + 1, lambda: self._retain_mean(epoch))
+        self.state = self.placement.with_method_state(self.state, new)
+
+    def _retain_mean(self, epoch: int) -> float:
+        """The mean retain term over the loss groups of the steps that start in `epoch`, no gradient."""
+        if self._retain_eval is None:
+            self._retain_eval = self.placement.retain_eval(self.graphdef, self.objective)
+        steps = [k for k in range(self.plan.total_steps) if self.plan.epoch(k) == epoch]
+        return float(np.mean([self._retain_eval(self.state, self.ref_params,
+                                                self.placement.place_batch(self._host_batch(k)[0])) for k in steps]))
+
     def _hooks(self, signals: StopSignals, primary: bool) -> list[Hook]:
         hooks = []
         if primary:
@@ -224,6 +244,7 @@ class Trainer:
                       "tokens": tokens, "tokens_per_s": tokens / dt, "step_time_s": dt}
             if skipped is not None:
                 record["skipped_nonfinite"] = skipped
+            self._epoch_end(step + 1)  # before the hooks: a save of this step holds its result
             for hook in hooks:
                 hook(record)
         return record

@@ -16,47 +16,67 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from npo_jax.losses import Objective, objective_loss
+from npo_jax.losses import Objective, objective_loss, retain_loss_only
 from npo_jax.memory import trim_host_memory
+from npo_jax.methods.common import UnitOrder
 from npo_jax.model import merge_params
 
 BATCH_AXES = ("data", "fsdp")
 
 
-def accumulated_grads(graphdef, obj: Objective, params, ref_params, batch, units: int, span: int = 1):
-    """Mean loss, aux terms and gradients over the micro-batches of `batch` (leading axis)."""
+def accumulated_grads(graphdef, obj: Objective, params, ref_params, batch, units: int, span: int = 1,
+                      method_state=None, order: UnitOrder | None = None):
+    """Mean loss, aux terms and gradients over the micro-batches of `batch` (leading axis).
 
-    def loss_fn(p, micro):
+    A method with training state carries it through the micro-batches in order, from
+    `method_state` (default: its initial state); the state after them is aux's "method_state"."""
+    if method_state is None:
+        method_state = obj.initial_state()
+
+    def loss_fn(p, micro, state):
         model = merge_params(graphdef, p)
         ref_model = merge_params(graphdef, ref_params) if ref_params is not None else None
-        unit_losses, aux = objective_loss(model, ref_model, micro, obj, units, span)
-        return unit_losses.mean(), {k: v.mean() for k, v in aux.items()}
+        unit_losses, aux = objective_loss(model, ref_model, micro, obj, units, span, state, order)
+        state = aux.pop("method_state", None)
+        return unit_losses.mean(), ({k: v.mean() for k, v in aux.items()}, state)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def body(acc, micro):
-        (loss, aux), grads = grad_fn(params, micro)
-        return jax.tree.map(jnp.add, acc, grads), (loss, aux)
+        grads_sum, state = acc
+        (loss, (aux, state)), grads = grad_fn(params, micro, state)
+        return (jax.tree.map(jnp.add, grads_sum, grads), state), (loss, aux)
 
     zeros = jax.tree.map(jnp.zeros_like, params)
-    grads, (losses, auxes) = jax.lax.scan(body, zeros, batch)
+    (grads, method_state), (losses, auxes) = jax.lax.scan(body, (zeros, method_state), batch)
     accum = losses.shape[0]
     grads = jax.tree.map(lambda g: g / accum, grads)
-    return losses.mean(), {k: v.mean() for k, v in auxes.items()}, grads
+    aux = {k: v.mean() for k, v in auxes.items()}
+    if method_state is not None:
+        aux["method_state"] = method_state
+    return losses.mean(), aux, grads
 
 
-def _apply(state, grads, loss, aux, tx, schedule):
+def _apply(state, grads, loss, aux, tx, schedule, method_state=None):
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     metrics = {"loss": loss, **aux, "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"])}
-    return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
+    new = {"params": params, "opt_state": opt_state, "step": state["step"] + 1}
+    if method_state is not None:  # its values are metrics too (the same on every device: no pmean)
+        new["method"] = method_state
+        metrics.update({k: jnp.asarray(v, jnp.float32) for k, v in method_state.items()})
+    return new, metrics
 
 
-def init_state(params, tx) -> dict:
-    return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+def init_state(params, tx, method_state: dict | None = None) -> dict:
+    """The train state; a method with training state (`Objective.initial_state`) keeps it under "method"."""
+    state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+    if method_state is not None:
+        state["method"] = method_state
+    return state
 
 
-def state_shardings(tx, params, p_shardings, mesh) -> dict:
+def state_shardings(tx, params, p_shardings, mesh, method_state: dict | None = None) -> dict:
     """Optimizer moments sharded like their params, counters replicated.
 
     Left to the compiler, `tx.init`'s zeros come out replicated: a whole AdamW state (2x the
@@ -66,7 +86,10 @@ def state_shardings(tx, params, p_shardings, mesh) -> dict:
     abstract = jax.eval_shape(lambda p: init_state(p, tx), params)
     opt = optax.tree_utils.tree_map_params(tx, lambda _, s: s, abstract["opt_state"], p_shardings,
                                            transform_non_params=lambda _: replicated)
-    return {"params": p_shardings, "opt_state": opt, "step": replicated}
+    out = {"params": p_shardings, "opt_state": opt, "step": replicated}
+    if method_state is not None:
+        out["method"] = jax.tree.map(lambda _: replicated, method_state)
+    return out
 
 
 def batch_shardings(batch, mesh) -> dict:
@@ -75,13 +98,18 @@ def batch_shardings(batch, mesh) -> dict:
 
 
 def step_grads(graphdef, obj: Objective, units: int, span: int = 1, axis_name: str | None = None):
-    """grads(params, ref_params, batch) -> (loss, aux, grads): what a step applies; under pmap
-    (`axis_name`) averaged over the devices. The step and `make_*_grads` share it, so a test of
-    the gradients tests the step's."""
+    """grads(params, ref_params, batch, method_state=None) -> (loss, aux, grads): what a step
+    applies; under pmap (`axis_name`) averaged over the devices. A method with state (PDU's dual)
+    gets its new state as aux["method_state"], the same on every device (not averaged). The step
+    and `make_*_grads` share it, so a test of the gradients tests the step's."""
 
-    def grads(params, ref_params, batch):
-        out = accumulated_grads(graphdef, obj, params, ref_params, batch, units, span)
-        return jax.lax.pmean(out, axis_name) if axis_name else out
+    def grads(params, ref_params, batch, method_state=None):
+        order = UnitOrder(axis_name) if axis_name else None
+        loss, aux, g = accumulated_grads(graphdef, obj, params, ref_params, batch, units, span, method_state, order)
+        method = aux.pop("method_state", None)
+        if axis_name:
+            loss, aux, g = jax.lax.pmean((loss, aux, g), axis_name)
+        return loss, ({**aux, "method_state": method} if method is not None else aux), g
 
     return grads
 
@@ -92,8 +120,9 @@ def make_sharded_step(graphdef, obj: Objective, tx, schedule, mesh, state_shardi
     grads_fn = step_grads(graphdef, obj, units, span)
 
     def step(state, ref_params, batch):
-        loss, aux, grads = grads_fn(state["params"], ref_params, batch)
-        return _apply(state, grads, loss, aux, tx, schedule)
+        loss, aux, grads = grads_fn(state["params"], ref_params, batch, state.get("method"))
+        method = aux.pop("method_state", None)
+        return _apply(state, grads, loss, aux, tx, schedule, method)
 
     replicated = NamedSharding(mesh, PartitionSpec())
     return jax.jit(
@@ -141,8 +170,9 @@ def make_pmap_step(graphdef, obj: Objective, tx, schedule, axis_name: str = "dat
     grads_fn = step_grads(graphdef, obj, units, span, axis_name)
 
     def step(state, ref_params, batch):
-        loss, aux, grads = grads_fn(state["params"], ref_params, batch)
-        return _apply(state, grads, loss, aux, tx, schedule)
+        loss, aux, grads = grads_fn(state["params"], ref_params, batch, state.get("method"))
+        method = aux.pop("method_state", None)
+        return _apply(state, grads, loss, aux, tx, schedule, method)
 
     return jax.pmap(step, axis_name=axis_name, donate_argnums=(0,))
 
@@ -150,6 +180,20 @@ def make_pmap_step(graphdef, obj: Objective, tx, schedule, axis_name: str = "dat
 def make_pmap_grads(graphdef, obj: Objective, axis_name: str = "data", units: int = 1, span: int = 1):
     """The pmap step's (loss, aux, grads) without the update, replicated on every device."""
     return jax.pmap(step_grads(graphdef, obj, units, span, axis_name), axis_name=axis_name)
+
+
+def make_retain_eval(graphdef, obj: Objective, units: int, span: int = 1, axis_name: str | None = None):
+    """f(params, ref_params, batch) -> the mean over the batch's loss groups of the retain term, no
+    gradient (an epoch-end pass, `npo_jax.methods`); `axis_name`: under pmap, averaged over devices."""
+
+    def f(params, ref_params, batch):
+        model = merge_params(graphdef, params)
+        ref_model = merge_params(graphdef, ref_params) if ref_params is not None else None
+        losses = jax.lax.map(lambda micro: retain_loss_only(model, ref_model, micro["retain"], obj, units, span), batch)
+        mean = jax.lax.stop_gradient(losses.mean())
+        return mean if axis_name is None else jax.lax.pmean(mean, axis_name)
+
+    return jax.pmap(f, axis_name=axis_name) if axis_name else jax.jit(f)
 
 
 def to_pmap_batch(batch, n_devices: int):

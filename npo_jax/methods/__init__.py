@@ -10,6 +10,13 @@ forward: `Scored.teacher_per_token`); and
 Modules load on first use (`get`), so the config schema can name the methods without importing
 JAX. The trainer loop never sees a method: `npo_jax.losses.objective_loss` runs the one shared forward
 and calls the module.
+
+A method with training state (PDU's dual variable) also has `initial_state(objective)` (a dict of
+scalars, kept in the train state under "method", checkpointed with it), `total_loss(forget,
+retain, objective, state, order)` (per-unit losses and the state after the micro-batch, whose
+values the step also records as metrics; `order`: `common.UnitOrder`), and `epoch_end(objective, state, epochs_done,
+retain_mean)` (the state after an epoch; `retain_mean()` runs a no-gradient pass over the epoch's
+retain batches). A hyperparameter whose default is REQUIRED must be set by the config.
 """
 
 from __future__ import annotations
@@ -23,8 +30,9 @@ from npo_jax.errors import NpoJaxError
 # for DPO on TOFU's refusals (docs/methods.md)
 REGISTRY = {"NPO": "npo", "SimNPO": "simnpo", "GradAscent": "grad_ascent", "GradDiff": "grad_diff", "DPO": "dpo",
             "IdkDPO": "dpo", "WGA": "wga", "SatImp": "satimp",
-            "CEU": "ceu", "UNDIAL": "undial"}
+            "CEU": "ceu", "UNDIAL": "undial", "PDU": "pdu"}
 NAMES = tuple(REGISTRY)
+REQUIRED = "???"  # an HPARAMS default that the config must replace (open-unlearning's `???`)
 FINETUNE = "finetune"  # the `npo-jax finetune` objective: a module, not a method.name
 
 

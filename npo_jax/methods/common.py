@@ -65,3 +65,20 @@ def preference_loss(s: Scored, beta: float, win: str | None, lose: str):
     if win is not None:
         margin = (s.logp[win] - s.ref_logp[win]) + margin
     return -(2.0 / beta) * per_unit(jax.nn.log_sigmoid(beta * margin), s.units).mean(1)
+
+
+class UnitOrder(NamedTuple):
+    """Where one program's units lie in the micro-batch's data order: under `jit` it sees them all
+    (axis_name None); under `pmap` each device holds `units` consecutive ones, in device order."""
+
+    axis_name: str | None = None
+
+    def all_units(self, x):
+        """(units, ...) values of this program -> the micro-batch's values of every unit, in order."""
+        if self.axis_name is None:
+            return x
+        return jax.lax.all_gather(x, self.axis_name).reshape(-1, *x.shape[1:])
+
+    def first(self, units: int):
+        """The index of this program's first unit in the micro-batch's order."""
+        return 0 if self.axis_name is None else jax.lax.axis_index(self.axis_name) * units
