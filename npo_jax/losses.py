@@ -52,13 +52,18 @@ class Objective(NamedTuple):
     beta1: float = 5.0  # SatImp
     beta2: float = 1.0  # SatImp
     ignore_first_n_answer_tokens: int = 1  # CEU
+    rmu_broadcast_quirk: bool = True  # RMU: open-unlearning's activation-loss reduction
+    rmu_layer: int = -1  # RMU: the decoder layer steered (from module_regex, `npo_jax.methods.rmu.prepare`)
+    control_vec: tuple = ()  # RMU: the control vector, hidden_size floats (`npo_jax.methods.rmu.prepare`)
 
     @classmethod
     def from_config(cls, method) -> Objective:
-        """The unlearning objective of a `run_config.MethodConfig`."""
+        """The unlearning objective of a `run_config.MethodConfig` (RMU's layer and control vector
+        are set once the model is known: `npo_jax.methods.rmu.prepare`)."""
         return cls(method.name, beta=method.beta, alpha=method.alpha, gamma=method.gamma, delta=method.delta,
                    retain_loss=method.retain_loss, reference=method.reference, beta1=method.beta1,
-                   beta2=method.beta2, ignore_first_n_answer_tokens=method.ignore_first_n_answer_tokens)
+                   beta2=method.beta2, ignore_first_n_answer_tokens=method.ignore_first_n_answer_tokens,
+                   rmu_broadcast_quirk=method.rmu_broadcast_quirk)
 
     @classmethod
     def finetune(cls) -> Objective:
@@ -85,7 +90,7 @@ class Objective(NamedTuple):
 
     @property
     def needs_live_reference(self) -> bool:
-        return self.reference_source == "live" or (self.uses_retain and self.retain_loss == "KL")
+        return self.reference_source == "live" or (self.uses_retain and self.retain_loss in ("KL", "EMBED_DIFF"))
 
     @property
     def uses_retain(self) -> bool:
@@ -134,6 +139,8 @@ def objective_loss(model, ref_model, batch: dict, obj: Objective, units: int, sp
     has (n,) `group_tokens`: the labelled-token count of the row's loss group.
     """
     method = obj.module
+    if hasattr(method, "objective"):  # a method that does not score label log-probs (RMU: activations)
+        return method.objective(model, ref_model, batch, obj, units, span)
     names = list(method.FORGET_GROUPS) + (["retain"] if method.RETAIN else [])
     groups = [batch[k] for k in names]
     n = batch["forget"]["input_ids"].shape[0]

@@ -74,11 +74,20 @@ class MethodConfig:
     alpha: float = 1.0  # retain weight
     gamma: float = 1.0  # forget weight
     delta: float = 0.0  # SimNPO margin
-    retain_loss: Literal["NLL", "KL"] = "NLL"  # open-unlearning's retain_loss_type
+    # open-unlearning's retain_loss_type; EMBED_DIFF (RMU only): layer activations pulled to the reference's
+    retain_loss: Literal["NLL", "KL", "EMBED_DIFF"] = "NLL"
     reference: Literal["cached", "live"] = "cached"  # cached (forget log-probs computed once) | live (frozen copy)
     beta1: float = 5.0  # SatImp: the saturation weight's exponent
     beta2: float = 1.0  # SatImp: the importance weight's exponent
     ignore_first_n_answer_tokens: int = 1  # CEU: labelled tokens of each row left out of the loss
+    steering_coeff: float = 2.0  # RMU: the control vector's norm
+    module_regex: str = r"model\.layers\.7"  # RMU: the decoder layer steered (fullmatch over HF module names)
+    # RMU: HF parameter names (fullmatch) the optimizer updates; the rest stay bit-identical
+    trainable_params_regex: list[str] = field(default_factory=lambda: [".*"])
+    control_vec_path: str | None = None  # RMU: the control vector (JSON list or .npy); None: drawn from the seed
+    # RMU: open-unlearning's activation loss, mean(row sums) * mean(1 / row counts) over the loss group
+    # (a [b] / [b, 1] broadcast); false: the per-sequence mean (docs/methods.md)
+    rmu_broadcast_quirk: bool = True
 
 
 @dataclass
@@ -160,6 +169,7 @@ RANGES = {
     "method.beta1": (0, None),
     "method.beta2": (0, None),
     "method.ignore_first_n_answer_tokens": (0, None),
+    "method.steering_coeff": ({0}, None),
     "optim.lr": ({0}, None),
     "optim.epochs": (1, None),
     "optim.warmup_epochs": (0, None),
@@ -226,6 +236,10 @@ def _resolve_method(cfg: RunConfig, given, where: str) -> None:
     for key, default in hparams.items():
         if key not in given:
             setattr(cfg.method, key, default)
+    allowed = getattr(methods.get(cfg.method.name), "RETAIN_LOSSES", ("NLL", "KL"))
+    if "retain_loss" in hparams and cfg.method.retain_loss not in allowed:
+        raise NpoJaxError(f"{where}: method.retain_loss={cfg.method.retain_loss} is not a retain loss of "
+                          f"method.name={cfg.method.name} (choose from {', '.join(allowed)})")
     if "alternate" in methods.get(cfg.method.name).FORGET_GROUPS and cfg.data.idk_path is None:
         raise NpoJaxError(f"{where}: method.name={cfg.method.name} needs data.idk_path (the refusals, one per "
                           "line: TOFU's idontknow.jsonl)")

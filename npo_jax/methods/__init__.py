@@ -8,6 +8,12 @@ loss scores; REFERENCE_GROUPS, those whose frozen-reference log-probs it needs; 
 Modules load on first use (`get`), so the config schema can name the methods without importing
 JAX. The trainer loop never sees a method: `npo_jax.losses.objective_loss` runs the one shared forward
 and calls the module.
+
+Optional: RETAIN_LOSSES, the `retain_loss` values it accepts (default NLL, KL); `objective(model,
+ref_model, batch, obj, units, span)`, its whole loss in place of the shared forward (RMU scores
+activations, not label log-probs); `prepare(obj, model_config, method_config, seed)` ->
+(objective, optimizer update mask or None), called once the model is known; `write_run_files(obj,
+out)`, what the run folder keeps of it.
 """
 
 from __future__ import annotations
@@ -21,7 +27,8 @@ from npo_jax.errors import NpoJaxError
 # for DPO on TOFU's refusals (docs/methods.md)
 REGISTRY = {"NPO": "npo", "SimNPO": "simnpo", "GradAscent": "grad_ascent", "GradDiff": "grad_diff", "DPO": "dpo",
             "IdkDPO": "dpo", "WGA": "wga", "SatImp": "satimp",
-            "CEU": "ceu"}
+            "CEU": "ceu",
+            "RMU": "rmu"}
 NAMES = tuple(REGISTRY)
 FINETUNE = "finetune"  # the `npo-jax finetune` objective: a module, not a method.name
 
