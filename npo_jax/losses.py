@@ -47,7 +47,7 @@ class Objective(NamedTuple):
     alpha: float = 1.0
     gamma: float = 1.0
     delta: float = 0.0
-    retain_loss: str = "NLL"  # NLL | KL
+    retain_loss: str = "NLL"  # NLL | KL | EMBED_DIFF (RMU)
     reference: str = "cached"  # cached | live
     beta1: float = 5.0  # SatImp
     beta2: float = 1.0  # SatImp
