@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -245,11 +246,22 @@ def _resolve_method(cfg: RunConfig, given, where: str) -> None:
                           "line: TOFU's idontknow.jsonl)")
 
 
+def _check_regexes(m: MethodConfig, where: str) -> None:
+    """RMU's regexes compile (the modules and parameters they select are checked against the model)."""
+    for key, patterns in (("module_regex", [m.module_regex]), ("trainable_params_regex", m.trainable_params_regex)):
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise NpoJaxError(f"{where}: method.{key}: {pattern!r} is not a regular expression ({e})") from None
+
+
 def _check_values(cfg: RunConfig, where: str) -> None:
     for key, (lo, hi) in RANGES.items():
         section, _, name = key.rpartition(".")
         check_range(key, getattr(getattr(cfg, section) if section else cfg, name), lo, hi, f"{where}: ")
     _check_loss_group(cfg.optim, where)
+    _check_regexes(cfg.method, where)
     if cfg.parallel.data != -1 and cfg.parallel.data < 1:
         raise NpoJaxError(f"{where}: parallel.data={cfg.parallel.data} is out of range: it must be -1 (all devices "
                           "not used by fsdp x tensor) or >= 1")

@@ -235,6 +235,9 @@ def test_module_regex_and_trainable_params_regex_errors(rmu_models):
             rmu.layer_index(regex, cfg)
     with pytest.raises(NpoJaxError, match="method.trainable_params_regex.*selects no parameter"):
         rmu.update_mask(cfg, [r"model\.layers\.9\..*"], "NLL", LAYER)
+    with pytest.raises(NpoJaxError, match=r"config: method.trainable_params_regex: '\[' is not a regular expression"):
+        load_run_config(None, ["output_dir=x", "model.path=m", "method.name=RMU",
+                               "method.trainable_params_regex=['[']"])
     with pytest.raises(NpoJaxError, match="method.retain_loss=EMBED_DIFF is not a retain loss of method.name=NPO"):
         load_run_config(None, ["output_dir=x", "model.path=m", "method.retain_loss=EMBED_DIFF"])
 
