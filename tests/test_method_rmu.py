@@ -273,3 +273,11 @@ def test_rmu_run_trains_and_keeps_its_control_vector(mini, tmp_path, strategy):
     assert np.array_equal(start["norm"]["scale"], end["norm"]["scale"])  # no gradient path with EMBED_DIFF
     before, after = (p["layers"]["mlp"]["down_proj"]["kernel"] for p in (start, end))
     assert np.array_equal(before[1:], after[1:]) and not np.array_equal(before[0], after[0])
+
+
+def test_broadcast_form_refuses_a_loss_group_spanning_units():
+    """mean(1 / counts) over a group spread over several units is not computed on the host: refused,
+    naming the fields; the per-sequence mean is a mean over rows, exact on any split."""
+    obj = Objective("RMU", rmu_layer=0, control_vec=(1.0,))
+    with pytest.raises(NpoJaxError, match="rmu_broadcast_quirk=true: optim.loss_group must not exceed"):
+        rmu.objective(None, None, {"forget": {}, "retain": {}}, obj, units=1, span=2)
