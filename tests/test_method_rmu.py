@@ -253,11 +253,10 @@ def test_config_defaults_are_open_unlearnings():
         load_run_config(None, ["output_dir=x", "model.path=m", "method.steering_coeff=5"])
 
 
-@pytest.mark.parametrize("strategy", ["sharded", "pmap"])
-def test_rmu_run_trains_and_keeps_its_control_vector(mini, tmp_path, strategy):
+def _short_run(mini, out, strategy):
     root, data, model = mini
     cfg = load_run_config(None, [
-        f"model.path={model}", f"data.dir={data}", f"cache_dir={root}/cache", f"output_dir={tmp_path / 'out'}",
+        f"model.path={model}", f"data.dir={data}", f"cache_dir={root}/cache", f"output_dir={out}",
         "data.max_length=128", "data.length_buckets=[96,128]", "optim.effective_batch=8", "optim.per_device_batch=1",
         "optim.epochs=1", "checkpoint.export_hf=false", "method.name=RMU", r"method.module_regex=model\.layers\.0",
         f"parallel.strategy={strategy}"])
@@ -265,14 +264,24 @@ def test_rmu_run_trains_and_keeps_its_control_vector(mini, tmp_path, strategy):
     assert trainer.ref_params is not None and trainer.objective.rmu_layer == 0
     start = jax.device_get(trainer.params())
     trainer.train()
-    metrics = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
-    assert len(metrics) == 2 and all(np.isfinite(m["loss"]) and m["forget_loss"] > 0 for m in metrics)
-    saved = np.load(tmp_path / "out" / rmu.CONTROL_VEC_FILE)
-    np.testing.assert_array_equal(saved, np.asarray(trainer.objective.control_vec, np.float32))
-    end = trainer.params()
-    assert np.array_equal(start["norm"]["scale"], end["norm"]["scale"])  # no gradient path with EMBED_DIFF
-    before, after = (p["layers"]["mlp"]["down_proj"]["kernel"] for p in (start, end))
-    assert np.array_equal(before[1:], after[1:]) and not np.array_equal(before[0], after[0])
+    return trainer, start, [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_rmu_runs_sharded_and_pmap_alike_and_keep_their_control_vector(mini, tmp_path):
+    """Two steps on 8 devices each way: the same losses; the run folder keeps the control vector;
+    with EMBED_DIFF on layer 0 the final norm and the layers above stay unchanged."""
+    runs = {s: _short_run(mini, tmp_path / s, s) for s in ("sharded", "pmap")}
+    for strategy, (trainer, start, metrics) in runs.items():
+        assert len(metrics) == 2 and all(np.isfinite(m["loss"]) and m["forget_loss"] > 0 for m in metrics)
+        saved = np.load(tmp_path / strategy / rmu.CONTROL_VEC_FILE)
+        np.testing.assert_array_equal(saved, np.asarray(trainer.objective.control_vec, np.float32))
+        end = trainer.params()
+        assert np.array_equal(start["norm"]["scale"], end["norm"]["scale"])  # no gradient path with EMBED_DIFF
+        before, after = (p["layers"]["mlp"]["down_proj"]["kernel"] for p in (start, end))
+        assert np.array_equal(before[1:], after[1:]) and not np.array_equal(before[0], after[0])
+    for key in ("loss", "forget_loss", "retain_loss", "grad_norm"):
+        np.testing.assert_allclose([m[key] for m in runs["pmap"][2]], [m[key] for m in runs["sharded"][2]],
+                                   rtol=1e-5, err_msg=key)
 
 
 def test_broadcast_form_refuses_a_loss_group_spanning_units():
