@@ -9,6 +9,7 @@ import sys
 import types
 
 import jax
+import jax.extend
 import numpy as np
 import pytest
 import test_methods
@@ -290,3 +291,32 @@ def test_broadcast_form_refuses_a_loss_group_spanning_units():
     obj = Objective("RMU", rmu_layer=0, control_vec=(1.0,))
     with pytest.raises(NpoJaxError, match="rmu_broadcast_quirk=true: optim.loss_group must not exceed"):
         rmu.objective(None, None, {"forget": {}, "retain": {}}, obj, units=1, span=2)
+
+
+def _scan_lengths(jaxpr) -> list[int]:
+    out = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "scan":
+            out.append(eqn.params["length"])
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            out += _scan_lengths(sub)
+    return out
+
+
+def test_embed_diff_runs_only_the_layers_up_to_the_steered_one(rmu_models, batch):
+    """With EMBED_DIFF the loss and its gradient scan over layers 0..k only (the model's scan is not
+    unrolled, and nothing above layer k is computed), for the model and the reference alike; the
+    NLL retain term scans all layers (for the retain rows)."""
+    folder, ref_folder = rmu_models
+    cfg, params = load_hf_params(folder)
+    _, ref_params = load_hf_params(ref_folder)
+    graphdef, _ = split_params(abstract_model(cfg))
+    stacked = jax.tree.map(lambda x: np.asarray(x)[None], batch)
+    found = {}
+    for case in (CASES[0], CASES[2]):
+        obj, _ = _objective(cfg, case)
+        jaxpr = jax.make_jaxpr(lambda p, r, o=obj: accumulated_grads(graphdef, o, p, r, stacked, units=1))
+        lengths = _scan_lengths(jaxpr(params, ref_params).jaxpr)
+        found[case["retain_loss"]] = {n for n in lengths if n != 1}  # 1: the scan over the one micro-batch
+    assert found["EMBED_DIFF"] == {LAYER + 1} and cfg.num_hidden_layers > LAYER + 1
+    assert {LAYER + 1, cfg.num_hidden_layers} <= found["NLL"]
