@@ -47,7 +47,7 @@ class Objective(NamedTuple):
     alpha: float = 1.0
     gamma: float = 1.0
     delta: float = 0.0
-    retain_loss: str = "NLL"  # NLL | KL
+    retain_loss: str = "NLL"  # NLL | KL | EMBED_DIFF (RMU)
     reference: str = "cached"  # cached | live
     beta1: float = 5.0  # SatImp
     beta2: float = 1.0  # SatImp
@@ -60,18 +60,22 @@ class Objective(NamedTuple):
     dual_update_upon: str = "step"  # PDU: step | epoch
     dual_warmup_epochs: int = 5  # PDU
     logit_shift_quirk: bool = True  # PDU: open-unlearning's unshifted forget logits
+    rmu_broadcast_quirk: bool = True  # RMU: open-unlearning's activation-loss reduction
+    rmu_layer: int = -1  # RMU: the decoder layer steered (from module_regex, `npo_jax.methods.rmu.prepare`)
+    control_vec: tuple = ()  # RMU: the control vector, hidden_size floats (`npo_jax.methods.rmu.prepare`)
 
     @classmethod
     def from_config(cls, method) -> Objective:
-        """The unlearning objective of a `run_config.MethodConfig`."""
+        """The unlearning objective of a `run_config.MethodConfig` (RMU's layer and control vector
+        are set once the model is known: `npo_jax.methods.rmu.prepare`)."""
         return cls(method.name, beta=method.beta, alpha=method.alpha, gamma=method.gamma, delta=method.delta,
                    retain_loss=method.retain_loss, reference=method.reference, beta1=method.beta1,
                    beta2=method.beta2, ignore_first_n_answer_tokens=method.ignore_first_n_answer_tokens,
                    all_positions_mean=method.all_positions_mean, wrapped_ignore_index=method.wrapped_ignore_index,
-
                    retain_loss_eps=method.retain_loss_eps, primal_dual=method.primal_dual,
                    dual_step_size=method.dual_step_size, dual_update_upon=method.dual_update_upon,
-                   dual_warmup_epochs=method.dual_warmup_epochs, logit_shift_quirk=method.logit_shift_quirk)
+                   dual_warmup_epochs=method.dual_warmup_epochs, logit_shift_quirk=method.logit_shift_quirk,
+                   rmu_broadcast_quirk=method.rmu_broadcast_quirk)
 
     @classmethod
     def finetune(cls) -> Objective:
@@ -98,7 +102,7 @@ class Objective(NamedTuple):
 
     @property
     def needs_live_reference(self) -> bool:
-        return (self.reference_source == "live" or (self.uses_retain and self.retain_loss == "KL")
+        return (self.reference_source == "live" or (self.uses_retain and self.retain_loss in ("KL", "EMBED_DIFF"))
                 or bool(getattr(self.module, "TEACHER_GROUPS", ())))
 
     @property
@@ -157,6 +161,8 @@ def objective_loss(model, ref_model, batch: dict, obj: Objective, units: int, sp
     has (n,) `group_tokens`: the labelled-token count of the row's loss group.
     """
     method = obj.module
+    if hasattr(method, "objective"):  # a method that does not score label log-probs (RMU: activations)
+        return method.objective(model, ref_model, batch, obj, units, span)
     names = list(method.FORGET_GROUPS) + (["retain"] if method.RETAIN else [])
     groups = [batch[k] for k in names]
     n = batch["forget"]["input_ids"].shape[0]

@@ -182,7 +182,7 @@ class LlamaForCausalLM(nnx.Module):
             compute_dtype=compute_dtype)
 
     def hidden_states(self, input_ids, attention_mask=None, positions=None, cache: KVCache | None = None,
-                      cache_index=0, layers: list | None = None):
+                      cache_index=0, layers: list | None = None, stop_after: int | None = None):
         """Final-norm hidden states (batch, seq, hidden) in compute dtype, and the updated cache.
 
         Without a cache, `attention_mask` (batch, seq) marks real tokens and positions default
@@ -192,6 +192,8 @@ class LlamaForCausalLM(nnx.Module):
 
         `layers` (from `unstacked_layers`, with a cache from `KVCache.unstacked`) runs the layers
         unrolled instead of scanned: what a decode loop wants, see `unstacked_layers`.
+        `stop_after` k (no cache): the residual stream after layer k instead (HF's output of
+        `model.layers.k`, no final norm); the scan runs over layers 0..k only.
         """
         b, t = input_ids.shape
         if attention_mask is None:
@@ -208,6 +210,8 @@ class LlamaForCausalLM(nnx.Module):
 
         x = self.embed_tokens(input_ids).astype(self.compute_dtype)
         graphdef, layer_state = nnx.split(self.layers)
+        if stop_after is not None:
+            layer_state = jax.tree.map(lambda w: w[:stop_after + 1], layer_state)
 
         def body(h, xs):
             state, kv = xs
@@ -227,6 +231,8 @@ class LlamaForCausalLM(nnx.Module):
             body = jax.checkpoint(body, policy=policy, prevent_cse=False)
         kv_in = None if cache is None else (cache.k, cache.v)
         x, kv_new = jax.lax.scan(body, x, (layer_state, kv_in))
+        if stop_after is not None:
+            return x, None
         # the layers return only the new slots, written here into the stacked cache: stacking
         # every layer's whole cache as the scan's output would copy all of it per decode step
         new_cache = None if cache is None else KVCache(*(
@@ -275,3 +281,10 @@ def train_hidden(model, input_ids, attention_mask):
     without position_ids: padding (and eot tokens the quirk mask hides) keep arange positions."""
     positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
     return model.hidden_states(input_ids, attention_mask, positions)[0]
+
+
+def train_layer_output(model, input_ids, attention_mask, layer: int):
+    """`train_hidden`'s residual stream after decoder layer `layer` (HF's output of
+    `model.layers.{layer}`), computing no layer above it."""
+    positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
+    return model.hidden_states(input_ids, attention_mask, positions, stop_after=layer)[0]

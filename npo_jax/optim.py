@@ -55,12 +55,26 @@ def clip_grad_norm(max_norm: float, eps: float = 1e-6) -> optax.GradientTransfor
     return optax.GradientTransformation(optax.init_empty_state, update)
 
 
+def keep_frozen(update_mask) -> optax.GradientTransformation:
+    """Zero updates where `update_mask` (a pytree like the params; a leaf's mask broadcasts, e.g. one
+    entry per layer of a stacked tensor) is False: those params stay bit-identical, no weight
+    decay either, as parameters outside torch's optimizer (or without a .grad) do. Placed after
+    clipping: HF clips over every parameter with a gradient, trained or not."""
+
+    def update(updates, state, params=None):
+        del params
+        return jax.tree.map(lambda u, m: jnp.where(m, u, jnp.zeros_like(u)), updates, update_mask), state
+
+    return optax.GradientTransformation(optax.init_empty_state, update)
+
+
 def make_optimizer(params, *, lr, total_steps, warmup, weight_decay, max_grad_norm, b1=0.9, b2=0.999,
-                   eps=1e-8) -> tuple[optax.GradientTransformation, callable]:
+                   eps=1e-8, update_mask=None) -> tuple[optax.GradientTransformation, callable]:
     schedule = linear_schedule(lr, warmup, total_steps)
     tx = optax.chain(
         clip_grad_norm(max_grad_norm),
         optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask(params)),
+        *([keep_frozen(update_mask)] if update_mask is not None else []),
     )
     return tx, schedule
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,7 +75,8 @@ class MethodConfig:
     alpha: float = 1.0  # retain weight
     gamma: float = 1.0  # forget weight
     delta: float = 0.0  # SimNPO margin
-    retain_loss: Literal["NLL", "KL"] = "NLL"  # open-unlearning's retain_loss_type
+    # open-unlearning's retain_loss_type; EMBED_DIFF (RMU only): layer activations pulled to the reference's
+    retain_loss: Literal["NLL", "KL", "EMBED_DIFF"] = "NLL"
     reference: Literal["cached", "live"] = "cached"  # cached (forget log-probs computed once) | live (frozen copy)
     beta1: float = 5.0  # SatImp: the saturation weight's exponent
     beta2: float = 1.0  # SatImp: the importance weight's exponent
@@ -92,6 +94,14 @@ class MethodConfig:
     loss_names: list[str] = field(default_factory=lambda: ["forget_loss", "retain_loss"])
     # true: open-unlearning's forget logits, unshifted (position t for label t), as its PDU runs
     logit_shift_quirk: bool = True
+    steering_coeff: float = 2.0  # RMU: the control vector's norm
+    module_regex: str = r"model\.layers\.7"  # RMU: the decoder layer steered (fullmatch over HF module names)
+    # RMU: HF parameter names (fullmatch) the optimizer updates; the rest stay bit-identical
+    trainable_params_regex: list[str] = field(default_factory=lambda: [".*"])
+    control_vec_path: str | None = None  # RMU: the control vector (JSON list or .npy); None: drawn from the seed
+    # RMU: open-unlearning's activation loss, mean(row sums) * mean(1 / row counts) over the loss group
+    # (a [b] / [b, 1] broadcast); false: the per-sequence mean (docs/methods.md)
+    rmu_broadcast_quirk: bool = True
 
 
 @dataclass
@@ -176,6 +186,7 @@ RANGES = {
     "method.retain_loss_eps": (None, None),
     "method.dual_step_size": (0, None),
     "method.dual_warmup_epochs": (0, None),
+    "method.steering_coeff": ({0}, None),
     "optim.lr": ({0}, None),
     "optim.epochs": (1, None),
     "optim.warmup_epochs": (0, None),
@@ -245,6 +256,10 @@ def _resolve_method(cfg: RunConfig, given, where: str) -> None:
                 raise NpoJaxError(f"{where}: method.{key} must be set for method.name={cfg.method.name} (it has "
                                   "no default; docs/methods.md)")
             setattr(cfg.method, key, default)
+    allowed = getattr(methods.get(cfg.method.name), "RETAIN_LOSSES", ("NLL", "KL"))
+    if "retain_loss" in hparams and cfg.method.retain_loss not in allowed:
+        raise NpoJaxError(f"{where}: method.retain_loss={cfg.method.retain_loss} is not a retain loss of "
+                          f"method.name={cfg.method.name} (choose from {', '.join(allowed)})")
     if (check := getattr(methods.get(cfg.method.name), "check_config", None)) is not None:
         check(cfg.method, where)
     if "alternate" in methods.get(cfg.method.name).FORGET_GROUPS and cfg.data.idk_path is None:
@@ -252,11 +267,22 @@ def _resolve_method(cfg: RunConfig, given, where: str) -> None:
                           "line: TOFU's idontknow.jsonl)")
 
 
+def _check_regexes(m: MethodConfig, where: str) -> None:
+    """RMU's regexes compile (the modules and parameters they select are checked against the model)."""
+    for key, patterns in (("module_regex", [m.module_regex]), ("trainable_params_regex", m.trainable_params_regex)):
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise NpoJaxError(f"{where}: method.{key}: {pattern!r} is not a regular expression ({e})") from None
+
+
 def _check_values(cfg: RunConfig, where: str) -> None:
     for key, (lo, hi) in RANGES.items():
         section, _, name = key.rpartition(".")
         check_range(key, getattr(getattr(cfg, section) if section else cfg, name), lo, hi, f"{where}: ")
     _check_loss_group(cfg.optim, where)
+    _check_regexes(cfg.method, where)
     if cfg.parallel.data != -1 and cfg.parallel.data < 1:
         raise NpoJaxError(f"{where}: parallel.data={cfg.parallel.data} is out of range: it must be -1 (all devices "
                           "not used by fsdp x tensor) or >= 1")

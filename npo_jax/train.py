@@ -90,12 +90,12 @@ def _resolve_mask(cfg: RunConfig) -> RunConfig:
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, eot_mask_quirk=quirk))
 
 
-def _optimizer(cfg: RunConfig, params, plan: StepPlan):
+def _optimizer(cfg: RunConfig, params, plan: StepPlan, update_mask=None):
     o = cfg.optim
     warm = warmup_steps(o.warmup_epochs, plan.n_items, o.effective_batch)
     tx, schedule = make_optimizer(params, lr=o.lr, total_steps=plan.total_steps, warmup=warm,
                                   weight_decay=o.weight_decay, max_grad_norm=o.max_grad_norm, b1=o.b1, b2=o.b2,
-                                  eps=o.eps)
+                                  eps=o.eps, update_mask=update_mask)
     if o.skip_nonfinite:  # a non-finite gradient leaves params and optimizer state as they were
         tx = optax.apply_if_finite(tx, max_consecutive_errors=o.skip_nonfinite)
     return tx, schedule
@@ -142,12 +142,17 @@ class Trainer:
         self.plan = StepPlan(len(self.data.examples), cfg.optim.effective_batch, cfg.optim.epochs, cfg.seed,
                              cfg.optim.epoch_mode)
         self.total_steps = self.plan.total_steps if max_steps is None else min(max_steps, self.plan.total_steps)
-        tx, schedule = _optimizer(cfg, params, self.plan)
+        update_mask, method = None, self.objective.module
+        if hasattr(method, "prepare"):  # RMU: its layer, control vector and trainable parameters
+            self.objective, update_mask = method.prepare(self.objective, config, cfg.method, cfg.seed)
+        tx, schedule = _optimizer(cfg, params, self.plan, update_mask)
         ckpt_dir = (self.out / "checkpoints").absolute()
         distributed.barrier("npo_jax_output_checked")  # no host may see the folder the primary creates now
         if distributed.is_primary():  # all input checked: only now is the output folder touched
             _prepare_output(self.out, overwrite and not resume)
             remove_unfinished_saves(ckpt_dir)
+            if hasattr(method, "write_run_files"):
+                method.write_run_files(self.objective, self.out)
         self.ref_logp = (forget_reference_logprobs(cfg, self.data, self.graphdef, params, cache, self.out)
                          if self.objective.cached_reference else None)
         self.state, self.ref_params, self.step_fn = self.placement.start(

@@ -81,7 +81,8 @@ def _field_types(cls, prefix=""):
 def test_every_run_config_field_is_checked():
     """Numbers have a range, strings a Literal's choices, except the free text and paths."""
     free_text = {"output_dir", "cache_dir", "model.path", "model.tokenizer", "data.dir", "data.tfds_dir",
-                 "data.system_prompt", "data.date_string", "data.idk_path"}
+                 "data.system_prompt", "data.date_string", "data.idk_path",
+                 "method.module_regex", "method.trainable_params_regex", "method.control_vec_path"}  # regexes: compiled
     for key, hint in _field_types(RunConfig):
         if hint in (int, float):
             assert key in RANGES or key == "parallel.data", key

@@ -28,6 +28,12 @@ OURS_ONLY = {
     "logit_shift_quirk": "PDU: open-unlearning's unshifted forget logits, a defect kept by default and "
                          "switchable (docs/methods.md)",
 }
+OURS_ONLY.update({
+    "control_vec_path": "RMU: the control vector from a file, so a run is reproducible across frameworks "
+                        "(open-unlearning draws it with torch.rand)",
+    "rmu_broadcast_quirk": "RMU: open-unlearning's (b, b) broadcast in its activation loss, a defect kept by "
+                           "default and switchable (docs/methods.md)",
+})
 REQUIRED = "???"  # open-unlearning's mandatory value: the config must set one
 # open-unlearning method_args we deliberately do not take, and why (none for the methods so far)
 THEIRS_NOT_TAKEN: dict[str, str] = {}

@@ -17,6 +17,11 @@ retain, objective, state, order)` (per-unit losses and the state after the micro
 values the step also records as metrics; `order`: `common.UnitOrder`), and `epoch_end(objective, state, epochs_done,
 retain_mean)` (the state after an epoch; `retain_mean()` runs a no-gradient pass over the epoch's
 retain batches). A hyperparameter whose default is REQUIRED must be set by the config.
+Optional: RETAIN_LOSSES, the `retain_loss` values it accepts (default NLL, KL); `objective(model,
+ref_model, batch, obj, units, span)`, its whole loss in place of the shared forward (RMU scores
+activations, not label log-probs); `prepare(obj, model_config, method_config, seed)` ->
+(objective, optimizer update mask or None), called once the model is known; `write_run_files(obj,
+out)`, what the run folder keeps of it.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from npo_jax.errors import NpoJaxError
 # for DPO on TOFU's refusals (docs/methods.md)
 REGISTRY = {"NPO": "npo", "SimNPO": "simnpo", "GradAscent": "grad_ascent", "GradDiff": "grad_diff", "DPO": "dpo",
             "IdkDPO": "dpo", "WGA": "wga", "SatImp": "satimp",
-            "CEU": "ceu", "UNDIAL": "undial", "PDU": "pdu"}
+            "CEU": "ceu", "UNDIAL": "undial", "PDU": "pdu", "RMU": "rmu"}
 NAMES = tuple(REGISTRY)
 REQUIRED = "???"  # an HPARAMS default that the config must replace (open-unlearning's `???`)
 FINETUNE = "finetune"  # the `npo-jax finetune` objective: a module, not a method.name
