@@ -6,7 +6,10 @@ batch has leaves (accum, n, ...) where n = units per micro-batch x rows per unit
 leading device axis is added and each device's micro-batch holds `units` units. A unit is a
 loss group, or with `span` > 1 a part of one (`npo_jax.losses`).
 
-The train state is a plain dict {"params", "opt_state", "step"} that Orbax saves as is.
+The train state is a plain dict {"params", "opt_state", "step"} that Orbax saves as is. What
+"params" are is the model builder's business: the whole model (`FullModel`, a plain graphdef is
+taken as one), or LoRA adapters (`npo_jax.lora.LoraModel`), whose frozen base params then come
+in as the step's second argument, where a full model takes its live reference's params (or None).
 """
 
 from __future__ import annotations
@@ -23,23 +26,55 @@ from npo_jax.model import merge_params
 BATCH_AXES = ("data", "fsdp")
 
 
-def accumulated_grads(graphdef, obj: Objective, params, ref_params, batch, units: int, span: int = 1):
-    """Mean loss, aux terms and gradients over the micro-batches of `batch` (leading axis)."""
+class FullModel:
+    """Every parameter trained; the frozen params, if any, are the live reference's copy."""
 
-    def loss_fn(p, micro):
-        model = merge_params(graphdef, p)
-        ref_model = merge_params(graphdef, ref_params) if ref_params is not None else None
+    dropout = False
+
+    def __init__(self, graphdef):
+        self.graphdef = graphdef
+
+    def models(self, params, frozen, key=None):
+        del key
+        return merge_params(self.graphdef, params), (
+            merge_params(self.graphdef, frozen) if frozen is not None else None)
+
+
+def model_builder(graphdef):
+    """`graphdef` as a builder: a `FullModel` for a plain graphdef; a builder (`models`) as is."""
+    return graphdef if hasattr(graphdef, "models") else FullModel(graphdef)
+
+
+def dropout_key(builder, step, device=None):
+    """The step's dropout key (seed, step and, under pmap, device), or None without dropout."""
+    if not builder.dropout:
+        return None
+    key = jax.random.fold_in(jax.random.PRNGKey(builder.seed), step)
+    return key if device is None else jax.random.fold_in(key, device)
+
+
+def accumulated_grads(graphdef, obj: Objective, params, ref_params, batch, units: int, span: int = 1, key=None):
+    """Mean loss, aux terms and gradients over the micro-batches of `batch` (leading axis).
+
+    Gradients are taken w.r.t. `params` only: `ref_params` (a live reference, or a LoRA base) are
+    constants. `key`: the step's dropout key, folded with the micro-batch index."""
+    builder = model_builder(graphdef)
+
+    def loss_fn(p, micro, micro_key):
+        model, ref_model = builder.models(p, ref_params, micro_key)
         unit_losses, aux = objective_loss(model, ref_model, micro, obj, units, span)
         return unit_losses.mean(), {k: v.mean() for k, v in aux.items()}
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def body(acc, micro):
-        (loss, aux), grads = grad_fn(params, micro)
+    def body(acc, xs):
+        micro, i = xs
+        (loss, aux), grads = grad_fn(params, micro, None if key is None else jax.random.fold_in(key, i))
         return jax.tree.map(jnp.add, acc, grads), (loss, aux)
 
     zeros = jax.tree.map(jnp.zeros_like, params)
-    grads, (losses, auxes) = jax.lax.scan(body, zeros, batch)
+    n_micro = jax.tree.leaves(batch)[0].shape[0]
+    grads, (losses, auxes) = jax.lax.scan(body, zeros, (batch, jnp.arange(n_micro)))
     accum = losses.shape[0]
     grads = jax.tree.map(lambda g: g / accum, grads)
     return losses.mean(), {k: v.mean() for k, v in auxes.items()}, grads
@@ -79,7 +114,8 @@ def make_sharded_step(graphdef, obj: Objective, tx, schedule, mesh, state_shardi
     """step(state, ref_params, batch) -> (state, metrics), jit over `mesh`, state donated."""
 
     def step(state, ref_params, batch):
-        loss, aux, grads = accumulated_grads(graphdef, obj, state["params"], ref_params, batch, units, span)
+        key = dropout_key(model_builder(graphdef), state["step"])
+        loss, aux, grads = accumulated_grads(graphdef, obj, state["params"], ref_params, batch, units, span, key)
         return _apply(state, grads, loss, aux, tx, schedule)
 
     replicated = NamedSharding(mesh, PartitionSpec())
@@ -118,7 +154,8 @@ def make_pmap_step(graphdef, obj: Objective, tx, schedule, axis_name: str = "dat
     """step(state, ref_params, batch) -> (state, metrics) under pmap; all replicated, batch per device."""
 
     def step(state, ref_params, batch):
-        loss, aux, grads = accumulated_grads(graphdef, obj, state["params"], ref_params, batch, units, span)
+        key = dropout_key(model_builder(graphdef), state["step"], jax.lax.axis_index(axis_name))
+        loss, aux, grads = accumulated_grads(graphdef, obj, state["params"], ref_params, batch, units, span, key)
         grads = jax.lax.pmean(grads, axis_name)
         loss, aux = jax.lax.pmean((loss, aux), axis_name)
         return _apply(state, grads, loss, aux, tx, schedule)
