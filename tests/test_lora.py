@@ -2,25 +2,38 @@
 three AdamW steps (float32, rtol 1e-4); the reference is the base model with no second copy;
 the `lora` config section; LoRA runs on every placement, resume and the base-model check."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 import torch
 from hf_models import load_hf, make_hf_model, tiny_config
 from test_methods import _open_unlearning, examples, ou_trainers  # noqa: F401 (a fixture)
-from test_train import _overrides, _train, mini  # noqa: F401 (a fixture)
+from test_train import _losses, _overrides, _train, mini  # noqa: F401 (a fixture)
+from tofu_fixture import make_tiny_model_with_tokenizer
 
 from npo_jax.data.batches import label_width, pad_examples
 from npo_jax.errors import NpoJaxError
-from npo_jax.lora import LoraModel, LoraSpec, adapter_shapes, init_adapters, module_path, split_adapters
+from npo_jax.lora import (
+    LoraModel,
+    LoraSpec,
+    adapter_shapes,
+    base_checksum,
+    init_adapters,
+    module_path,
+    split_adapters,
+)
 from npo_jax.losses import Objective
 from npo_jax.model import abstract_model, split_params
 from npo_jax.model_io import load_hf_params
 from npo_jax.optim import make_optimizer
 from npo_jax.run_config import load_run_config
+from npo_jax.train import Trainer
 from npo_jax.train_step import _apply, accumulated_grads, init_state
-from npo_jax.tree_paths import get_path, set_path
+from npo_jax.tree_paths import get_path, iter_paths, set_path
 
 peft = pytest.importorskip("peft")
 
@@ -210,3 +223,99 @@ def test_lora_config_section():
                           ("lora.base_dtype=int8", "lora.base_dtype")]:
         with pytest.raises(NpoJaxError, match=fragment):
             _cfg("lora.rank=4", bad)
+
+
+def test_dropout_on_the_adapter_input_only_in_training():
+    """PEFT's lora_dropout: each input entry to A is dropped with probability p, the rest scaled by
+    1/(1-p); with A and B identities the adapter's output shows the mask directly."""
+    from flax import nnx
+
+    from npo_jax.model import Linear
+
+    p, d = 0.25, 64
+    spec = LoraSpec(d, 2.0 * d, p, ("q_proj",))
+    layer = Linear(d, 8, use_bias=False, stack=(), rngs=nnx.Rngs(0), param_dtype=jnp.float32,
+                   compute_dtype=jnp.float32, lora=spec)
+    layer.kernel[...] = jnp.zeros((d, 8))
+    layer.lora_a[...] = jnp.eye(d)
+    layer.lora_b[...] = jnp.eye(d)[:, :8]
+    x = jnp.asarray(np.random.RandomState(0).uniform(1, 2, (400, d)), jnp.float32)
+    outs = []
+    for seed in (1, 2):
+        layer.lora_key[...] = jax.random.PRNGKey(seed)
+        outs.append(np.asarray(layer(x)))
+    y = outs[0]
+    kept = y != 0
+    np.testing.assert_allclose(y[kept], (2.0 * x[:, :8] / (1 - p))[kept], rtol=1e-6)  # scale alpha/rank = 2
+    assert abs((~kept).mean() - p) < 0.03
+    assert (outs[0] != outs[1]).any()  # another key, another mask
+    # the step's keys: per micro-batch and per adapter, from the seed and step
+    cfg = load_hf_params.__globals__["LlamaConfig"].from_hf_dict(tiny_config(tie=False).to_dict())
+    lora = LoraModel(cfg, LoraSpec(4, 8.0, p, SOME), compute_dtype=jnp.float32, remat="none", seed=5)
+    assert lora.dropout and len(lora.key_paths) == len(SOME)
+    keys = jax.tree.leaves(lora.dropout_keys(jax.random.PRNGKey(0)))
+    assert keys[0].shape == (cfg.num_hidden_layers, 2) and not np.array_equal(keys[0], keys[1])
+    assert not LoraModel(cfg, lora.spec.without_dropout(), compute_dtype=jnp.float32, remat="none").key_paths
+
+
+def test_live_reference_is_the_base_without_a_copy(folder):
+    """With LoRA the step's second argument is the base params themselves (the reference is the
+    base model), whether or not the method needs a live reference; no copy is made."""
+    from npo_jax.placement import ShardedPlacement
+
+    cfg, base, lora = _ours(folder, LoraSpec(4, 8.0, 0.0, SOME))
+    run = _cfg("lora.rank=4", "parallel.data=1", "optim.effective_batch=4")
+    placement = ShardedPlacement(run)
+    base = jax.device_put(base, placement.param_shardings(cfg))
+    adapters = init_adapters(cfg, lora.spec, 0)
+    tx, schedule = make_optimizer(adapters, lr=1e-3, total_steps=2, warmup=0, weight_decay=0.0, max_grad_norm=1.0)
+    for obj in (Objective("NPO", reference="live"), Objective("NPO", reference="cached"), Objective.finetune()):
+        placed = placement.start(lora, cfg, adapters, obj, tx, schedule, base=base)
+        assert all(a is b for a, b in zip(jax.tree.leaves(placed.ref_params), jax.tree.leaves(base), strict=True))
+        assert jax.tree.structure(placed.state["params"]) == jax.tree.structure(adapters)
+
+
+def _lora_run(mini, out, *extra, **kw):  # noqa: F811
+    return _train(mini, out, "lora.rank=4", "lora.alpha=8", "optim.lr=1e-2", *extra, **kw)
+
+
+def test_lora_runs_agree_on_every_placement_and_resume(mini, tmp_path):  # noqa: F811
+    """A LoRA NPO run (cached reference, base frozen) on one device, over data x fsdp x tensor and
+    under pmap: the same losses and adapters; resumed half-way, the same again."""
+    runs = {"one_device": ["parallel.data=1"], "d2f2t2": ["parallel.data=2", "parallel.fsdp=2", "parallel.tensor=2"],
+            "pmap8": ["parallel.strategy=pmap"]}
+    losses, adapters = {}, {}
+    for name, extra in runs.items():
+        trainer = _lora_run(mini, tmp_path / name, *extra, "checkpoint.every_steps=2", max_steps=4)
+        losses[name], adapters[name] = _losses(tmp_path / name), trainer.params()
+    assert len(losses["one_device"]) == 4 and np.ptp(losses["one_device"]) > 0.01
+    assert {path[-1] for path, _ in iter_paths(adapters["one_device"])} == {"lora_a", "lora_b"}
+    for name in runs:
+        np.testing.assert_allclose(losses[name], losses["one_device"], rtol=1e-4, err_msg=name)
+        jax.tree.map(lambda a, b, n=name: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-6, err_msg=n),
+                     adapters[name], adapters["one_device"])
+    # resume from step 2 of a 4-step run: the same adapters as the straight run
+    _lora_run(mini, tmp_path / "split", "parallel.data=1", "checkpoint.every_steps=2", max_steps=2)
+    resumed = _lora_run(mini, tmp_path / "split", "parallel.data=1", "checkpoint.every_steps=2", max_steps=4,
+                        resume=True)
+    assert resumed.start_step == 2
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-6), resumed.params(),
+                 adapters["one_device"])
+    # the checkpoint: adapters and their optimizer state only, and the base model's record
+    step = tmp_path / "split" / "checkpoints" / "4"
+    saved = ocp.PyTreeCheckpointer().metadata((step / "state").absolute()).item_metadata.tree
+    assert {path[-1] for path, _ in iter_paths(saved["params"])} == {"lora_a", "lora_b"}
+    adapter_sizes = {tuple(leaf.shape) for _, leaf in iter_paths(saved["params"])}
+    assert {tuple(leaf.shape) for leaf in jax.tree.leaves(saved["opt_state"])} == adapter_sizes | {()}
+    meta = json.loads((step / "meta" / "metadata").read_text())
+    assert meta["base_model"] == {"path": str(mini[2].resolve()), "sha256": base_checksum(mini[2])}
+
+
+def test_resume_refuses_another_base_model(mini, tmp_path):  # noqa: F811
+    _lora_run(mini, tmp_path / "run", "parallel.data=1", max_steps=1)
+    other = make_tiny_model_with_tokenizer(tmp_path / "other", mini[1], seed=7)
+    assert base_checksum(other) != base_checksum(mini[2])
+    cfg = load_run_config(None, _overrides(mini, tmp_path / "run", "lora.rank=4", "lora.alpha=8", "optim.lr=1e-2",
+                                           "parallel.data=1", f"model.path={other}"))
+    with pytest.raises(NpoJaxError, match=r"the adapters were trained on the base model .*\(another base model\)"):
+        Trainer(cfg, "unlearn", resume=True, progress=False)
