@@ -183,3 +183,38 @@ def base_checksum(path: str | Path) -> str:
                               "the base model of a LoRA run by")
         digests = {str(m.relative_to(path)): file_checksum(m)["sha256"] for m in manifests[-1:]}
     return hashlib.sha256(json.dumps(digests, sort_keys=True).encode()).hexdigest()
+
+
+RECORD = "npo_jax_lora.json"  # beside a LoRA run's step folders: what the adapters are and what base they need
+
+
+def write_record(folder: Path, spec: LoraSpec, base_model: dict) -> None:
+    """Record the adapters' spec and the base model ({"path", "sha256"}) in `folder`."""
+    record = {"format": "npo-jax-lora", "version": 1, "rank": spec.rank, "alpha": spec.alpha,
+              "dropout": spec.dropout, "targets": list(spec.targets), "base_model": base_model}
+    (Path(folder) / RECORD).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def read_record(folder: Path) -> tuple[LoraSpec, dict] | None:
+    """(spec, base model record) of a LoRA run's checkpoints folder, or None when it holds a full model."""
+    path = Path(folder) / RECORD
+    if not path.is_file():
+        return None
+    try:
+        raw = json.loads(path.read_text())
+        spec = LoraSpec(int(raw["rank"]), float(raw["alpha"]), float(raw["dropout"]), tuple(raw["targets"]))
+        base = {"path": str(raw["base_model"]["path"]), "sha256": str(raw["base_model"]["sha256"])}
+    except (ValueError, KeyError, TypeError) as e:
+        raise NpoJaxError(f"{path}: not a readable LoRA record ({type(e).__name__}: {e})") from None
+    return spec, base
+
+
+def check_base(record_base: dict, base: str | Path | None = None, where: str = "") -> Path:
+    """The base model folder (`base`, default the recorded path), once its sha256 matches the record."""
+    folder = Path(base if base is not None else record_base["path"])
+    if not folder.is_dir():
+        raise NpoJaxError(f"{where}the LoRA base model {folder} is not there (pass the base model's folder)")
+    if base_checksum(folder) != record_base["sha256"]:
+        raise NpoJaxError(f"{where}the base model {folder} is not the one the adapters were trained on "
+                          f"(sha256 {record_base['sha256'][:16]}... recorded, {base_checksum(folder)[:16]}... found)")
+    return folder

@@ -47,6 +47,7 @@ from npo_jax.data.batches import StepPlan, step_batch
 from npo_jax.errors import NpoJaxError, Preempted
 from npo_jax.fs import cache_dir, warn
 from npo_jax.lora import LoraModel, LoraSpec, base_checksum, init_adapters
+from npo_jax.lora import write_record as write_lora_record
 from npo_jax.losses import Objective
 from npo_jax.mask_convention import resolve_eot_mask, write_record
 from npo_jax.model import abstract_model, split_params
@@ -249,6 +250,8 @@ class Trainer:
         if self.cfg.model.tokenizer:
             copy_side_files(Path(self.cfg.model.tokenizer), self.out / "checkpoints", TOKENIZER_FILES)
         write_record(self.out / "checkpoints", self.cfg.data.eot_mask_quirk)  # export and eval read it
+        if self.base_model is not None:  # what the adapters are and the base they need (export reads it)
+            write_lora_record(self.out / "checkpoints", self.graphdef.spec, self.base_model)
 
     def train(self) -> dict:
         cfg = self.cfg
@@ -273,9 +276,7 @@ class Trainer:
                     self.checkpoints.finish_saves()  # a save in flight is of an earlier, good step: let it complete
                 raise
         # signals act as usual again: the export is all-or-nothing, and --resume redoes it
-        if cfg.checkpoint.export_hf and primary and self.base_model is not None:
-            warn("LoRA run: the checkpoints hold the adapters only; no HF export is written (checkpoint.export_hf)")
-        elif cfg.checkpoint.export_hf and primary:
+        if cfg.checkpoint.export_hf and primary:  # a LoRA run's adapters merged into the base
             orbax_to_hf(self.out / "checkpoints", self.out / "hf", dtype=cfg.checkpoint.export_dtype,
                         overwrite=True, progress=self.progress)
         info = {"steps": self.total_steps, "steps_per_epoch": self.plan.steps_per_epoch,

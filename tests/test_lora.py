@@ -319,3 +319,29 @@ def test_resume_refuses_another_base_model(mini, tmp_path):  # noqa: F811
                                            "parallel.data=1", f"model.path={other}"))
     with pytest.raises(NpoJaxError, match=r"the adapters were trained on the base model .*\(another base model\)"):
         Trainer(cfg, "unlearn", resume=True, progress=False)
+
+
+def test_export_merged_and_peft_adapter_folders(mini, tmp_path):  # noqa: F811
+    """The run's HF export (base + adapters merged in float32) loads in transformers, and the
+    `--adapter` PEFT folder loads with PeftModel.from_pretrained on the HF base: both give our logits."""
+    from npo_jax.cli import main
+
+    out = tmp_path / "run"
+    trainer = _lora_run(mini, out, "parallel.data=1", "checkpoint.export_hf=true",
+                        "lora.targets=[q_proj,v_proj,down_proj]", "optim.lr=5e-2", max_steps=3)
+    cfg, base = load_hf_params(mini[2])
+    lora = LoraModel(cfg, trainer.graphdef.spec, compute_dtype=jnp.float32, remat="none")
+    ids = np.random.RandomState(0).randint(4, cfg.vocab_size, (2, 16))
+    model, ref = lora.models(jax.device_get(trainer.params()), base)
+    ours, base_logits = np.asarray(model(jnp.asarray(ids))), np.asarray(ref(jnp.asarray(ids)))
+    scale = np.abs(ours).max()
+    assert np.abs(ours - base_logits).max() > 1e-2 * scale  # the adapters moved the model
+    with torch.no_grad():
+        merged = load_hf(out / "hf")(torch.tensor(ids)).logits.numpy()
+    np.testing.assert_allclose(merged, ours, rtol=0, atol=1e-4 * scale)
+    main(["convert", "orbax-to-hf", str(out / "checkpoints"), str(tmp_path / "adapter"), "--adapter"])
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["r"] == 4
+    with torch.no_grad():
+        hf = peft.PeftModel.from_pretrained(load_hf(mini[2]), tmp_path / "adapter").eval()
+        via_peft = hf(torch.tensor(ids)).logits.numpy()
+    np.testing.assert_allclose(via_peft, ours, rtol=0, atol=1e-4 * scale)
