@@ -21,14 +21,13 @@ from npo_jax.config import read_config_dict
 from npo_jax.dtypes import dtype as dtype_named
 from npo_jax.errors import NpoJaxError
 from npo_jax.fs import atomic_output_dir, check_output_dir
-from npo_jax.lora import RECORD, adapter_shapes, check_base, read_record
+from npo_jax.lora import PEFT_CONFIG, PEFT_WEIGHTS, RECORD, adapter_shapes, check_base, peft_name, read_record
 from npo_jax.memory import trim_host_memory
 from npo_jax.model_io import is_hf_folder
 from npo_jax.safetensors_io import HFWeights
 from npo_jax.tree_paths import get_path
 
 LORA_RECORD = RECORD
-PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 
 
 class AdapterReader(ParamsReader):
@@ -101,12 +100,6 @@ def merged_to_hf(src: str | Path, dst: str | Path, dtype: str | None = None, tok
                                             reader.spec.scale, dtype_named(out_name), layers)
     return write_hf_folder(dst, raw, tensors, reader.folder, out_name, tokenizer_from, max_shard_size, overwrite,
                            progress)
-
-
-def peft_name(path: tuple[str, ...], layer: int) -> str:
-    """PEFT's saved name of adapter `path` (layers/self_attn/q_proj/lora_a) of one layer."""
-    ab = {"lora_a": "lora_A", "lora_b": "lora_B"}[path[-1]]
-    return f"base_model.model.model.layers.{layer}.{path[1]}.{path[2]}.{ab}.weight"
 
 
 def adapter_to_peft(src: str | Path, dst: str | Path, overwrite: bool = False) -> Path:

@@ -218,3 +218,46 @@ def check_base(record_base: dict, base: str | Path | None = None, where: str = "
         raise NpoJaxError(f"{where}the base model {folder} is not the one the adapters were trained on "
                           f"(sha256 {record_base['sha256'][:16]}... recorded, {base_checksum(folder)[:16]}... found)")
     return folder
+
+
+PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+
+
+def peft_name(path: tuple[str, ...], layer: int) -> str:
+    """PEFT's saved name of adapter `path` (layers/self_attn/q_proj/lora_a) of one layer."""
+    ab = {"lora_a": "lora_A", "lora_b": "lora_B"}[path[-1]]
+    return f"base_model.model.model.layers.{layer}.{path[1]}.{path[2]}.{ab}.weight"
+
+
+def load_peft_adapters(folder: str | Path, cfg: LlamaConfig, spec: LoraSpec, where: str = "lora.init_from") -> dict:
+    """Adapters from a PEFT LoRA folder (adapter_config.json, adapter_model.safetensors) as our float32
+    tree; its r, lora_alpha and target_modules must be the run's `lora` section's."""
+    from safetensors.numpy import load_file
+
+    folder = Path(folder)
+    config_path, weights_path = folder / PEFT_CONFIG, folder / PEFT_WEIGHTS
+    if not config_path.is_file() or not weights_path.is_file():
+        raise NpoJaxError(f"{where}={folder}: not a PEFT adapter folder ({PEFT_CONFIG} and {PEFT_WEIGHTS} expected)")
+    raw = json.loads(config_path.read_text())
+    targets = raw.get("target_modules") or []
+    theirs = (raw.get("peft_type"), raw.get("r"), float(raw.get("lora_alpha", 0)),
+              sorted(targets) if isinstance(targets, list) else targets)
+    ours = ("LORA", spec.rank, spec.alpha, sorted(spec.targets))
+    if theirs != ours:
+        raise NpoJaxError(f"{config_path}: peft_type, r, lora_alpha, target_modules are {theirs}; the run's lora "
+                          f"section has {ours} (set lora.rank, lora.alpha, lora.targets to the adapter's)")
+    tensors = load_file(str(weights_path))
+    adapters: dict = {}
+    for path, shape in adapter_shapes(cfg, spec).items():
+        layers = []
+        for i in range(shape[0]):
+            name = peft_name(path, i)
+            if name not in tensors:
+                raise NpoJaxError(f"{weights_path}: no tensor {name}")
+            layers.append(np.asarray(tensors[name], np.float32).T)
+        stacked = np.stack(layers)
+        if stacked.shape != shape:
+            raise NpoJaxError(f"{weights_path}: {peft_name(path, 0)} has shape {list(stacked.shape[1:][::-1])}, "
+                              f"expected {list(shape[1:][::-1])} for this model")
+        set_path(adapters, path, stacked)
+    return adapters

@@ -136,6 +136,7 @@ class LoraConfig:
     dropout: float = 0.0  # on the adapter's input, training only
     targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
     base_dtype: Literal[COMPUTE_DTYPES] = "float32"  # the frozen base weights (adapters are float32)
+    init_from: str | None = None  # a PEFT adapter folder to start from; None: PEFT's init (B = 0) from the seed
 
 
 @dataclass

@@ -46,7 +46,7 @@ from npo_jax.checkpoint import TOKENIZER_FILES, copy_side_files, remove_unfinish
 from npo_jax.data.batches import StepPlan, step_batch
 from npo_jax.errors import NpoJaxError, Preempted
 from npo_jax.fs import cache_dir, warn
-from npo_jax.lora import LoraModel, LoraSpec, base_checksum, init_adapters
+from npo_jax.lora import LoraModel, LoraSpec, base_checksum, init_adapters, load_peft_adapters
 from npo_jax.lora import write_record as write_lora_record
 from npo_jax.losses import Objective
 from npo_jax.mask_convention import resolve_eot_mask, write_record
@@ -88,6 +88,13 @@ def _load_model(cfg: RunConfig, placement: Placement):
     else:
         graphdef, _ = split_params(abstract_model(loaded.config, compute_dtype=dtype, remat=cfg.model.remat))
     return graphdef, loaded.config, loaded.side_files_dir, params
+
+
+def _initial_adapters(cfg: RunConfig, config, spec: LoraSpec) -> dict:
+    """A PEFT adapter folder's adapters (lora.init_from), else PEFT's init from the run's seed."""
+    if cfg.lora.init_from:
+        return load_peft_adapters(cfg.lora.init_from, config, spec)
+    return init_adapters(config, spec, cfg.seed)
 
 
 def _resolve_mask(cfg: RunConfig) -> RunConfig:
@@ -149,7 +156,7 @@ class Trainer:
         self.graphdef, config, self.side_files_dir, params = _load_model(cfg, self.placement)
         lora = isinstance(self.graphdef, LoraModel)
         # with LoRA the loaded params are the frozen base; the trained params are new adapters
-        base, params = (params, init_adapters(config, self.graphdef.spec, cfg.seed)) if lora else (None, params)
+        base, params = (params, _initial_adapters(cfg, config, self.graphdef.spec)) if lora else (None, params)
         self.base_model = ({"path": str(Path(cfg.model.path).resolve()), "sha256": base_checksum(cfg.model.path)}
                            if lora else None)
         self.plan = StepPlan(len(self.data.examples), cfg.optim.effective_batch, cfg.optim.epochs, cfg.seed,

@@ -345,3 +345,20 @@ def test_export_merged_and_peft_adapter_folders(mini, tmp_path):  # noqa: F811
         hf = peft.PeftModel.from_pretrained(load_hf(mini[2]), tmp_path / "adapter").eval()
         via_peft = hf(torch.tensor(ids)).logits.numpy()
     np.testing.assert_allclose(via_peft, ours, rtol=0, atol=1e-4 * scale)
+
+
+def test_peft_adapter_folder_as_starting_point(folder, tmp_path):
+    """A folder PEFT's save_pretrained wrote (lora.init_from) gives exactly its adapters; one of
+    another rank or targets is an error naming the keys to set."""
+    from npo_jax.lora import load_peft_adapters
+
+    spec = LoraSpec(4, 8.0, 0.0, SOME)
+    hf = _peft(folder, spec, seed=3)
+    hf.save_pretrained(tmp_path / "adapter")
+    cfg, _ = load_hf_params(folder)
+    got = load_peft_adapters(tmp_path / "adapter", cfg, spec)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), got, _adapters_from(hf, cfg, spec))
+    with pytest.raises(NpoJaxError, match="set lora.rank, lora.alpha, lora.targets"):
+        load_peft_adapters(tmp_path / "adapter", cfg, LoraSpec(8, 8.0, 0.0, SOME))
+    with pytest.raises(NpoJaxError, match="not a PEFT adapter folder"):
+        load_peft_adapters(tmp_path, cfg, spec)
