@@ -312,11 +312,17 @@ def test_lora_runs_agree_on_every_placement_and_resume(mini, tmp_path):  # noqa:
 
 
 def test_resume_refuses_another_base_model(mini, tmp_path):  # noqa: F811
-    _lora_run(mini, tmp_path / "run", "parallel.data=1", max_steps=1)
+    trainer = _lora_run(mini, tmp_path / "run", "parallel.data=1", "lora.base_dtype=bfloat16", max_steps=1)
+    # the frozen base stays in bfloat16; the adapters and their AdamW moments are float32
+    assert {x.dtype for x in jax.tree.leaves(trainer.ref_params)} == {jnp.dtype(jnp.bfloat16)}
+    assert {x.dtype for x in jax.tree.leaves(trainer.state["params"])} == {jnp.dtype(jnp.float32)}
+    assert {x.dtype for x in jax.tree.leaves(trainer.state["opt_state"]) if x.ndim} == {jnp.dtype(jnp.float32)}
+    with pytest.raises(NpoJaxError, match="the checkpoints of a LoRA run"):
+        _lora_run(mini, tmp_path / "next", f"model.path={tmp_path / 'run' / 'checkpoints'}")
     other = make_tiny_model_with_tokenizer(tmp_path / "other", mini[1], seed=7)
     assert base_checksum(other) != base_checksum(mini[2])
     cfg = load_run_config(None, _overrides(mini, tmp_path / "run", "lora.rank=4", "lora.alpha=8", "optim.lr=1e-2",
-                                           "parallel.data=1", f"model.path={other}"))
+                                           "parallel.data=1", "lora.base_dtype=bfloat16", f"model.path={other}"))
     with pytest.raises(NpoJaxError, match=r"the adapters were trained on the base model .*\(another base model\)"):
         Trainer(cfg, "unlearn", resume=True, progress=False)
 
