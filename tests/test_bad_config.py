@@ -81,11 +81,12 @@ def _field_types(cls, prefix=""):
 def test_every_run_config_field_is_checked():
     """Numbers have a range, strings a Literal's choices, except the free text and paths."""
     free_text = {"output_dir", "cache_dir", "model.path", "model.tokenizer", "data.dir", "data.tfds_dir",
-                 "data.system_prompt", "data.date_string", "data.idk_path"}
+                 "data.system_prompt", "data.date_string", "data.idk_path", "lora.init_from"}
+    lists = {"data.length_buckets", "lora.targets"}  # checked as a whole by run_config._check_values
     for key, hint in _field_types(RunConfig):
         if hint in (int, float):
             assert key in RANGES or key == "parallel.data", key
-        elif key not in free_text and hint not in (bool, bool | None) and key != "data.length_buckets":
+        elif key not in free_text and hint not in (bool, bool | None) and key not in lists:
             literal = [a for a in (hint, *typing.get_args(hint)) if typing.get_origin(a) is typing.Literal]
             assert literal, f"{key}: {hint} has no choices"
 
