@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from convert.safetensors_writer import SafetensorsWriter
 from npo_jax.checkpoint import TOKENIZER_FILES, ParamsReader, copy_side_files
-from npo_jax.config import with_dtype
+from npo_jax.config import LlamaConfig, with_dtype
 from npo_jax.dtypes import dtype as dtype_named
 from npo_jax.errors import NpoJaxError
 from npo_jax.fs import atomic_output_dir, check_output_dir, file_checksum, write_checksums
@@ -79,13 +79,32 @@ def orbax_to_hf(src: str | Path, dst: str | Path, dtype: str | None = None,
     """Export the params of checkpoint `src` as an HF Llama folder `dst`, all or nothing.
 
     The weights files' sizes and sha256 go to `npo_jax_checksums.json`, checked when loaded here.
+    A LoRA run's checkpoints (adapters only) export merged into their base (`convert.lora_export`).
     """
+    from convert.lora_export import LORA_RECORD, merged_to_hf
+
+    if (Path(src) / LORA_RECORD).is_file():
+        return merged_to_hf(src, dst, dtype, tokenizer_from, max_shard_size, overwrite, progress)
     dst = check_output_dir(dst, overwrite)
     reader = ParamsReader(src)
-    cfg = reader.config
-    out_name = dtype or (cfg.dtype if cfg.dtype in ("float32", "bfloat16", "float16") else "bfloat16")
+    out_name = export_dtype(reader.config, dtype)
+    return write_hf_folder(dst, reader.raw_config, lambda specs: _hf_tensors(reader, specs, dtype_named(out_name)),
+                           reader.folder, out_name, tokenizer_from, max_shard_size, overwrite, progress)
+
+
+def export_dtype(cfg, dtype: str | None) -> str:
+    """The requested dtype, else the source model's, else bfloat16."""
+    return dtype or (cfg.dtype if cfg.dtype in ("float32", "bfloat16", "float16") else "bfloat16")
+
+
+def write_hf_folder(dst: Path, raw_config: dict, tensors_for, side_dir: Path, out_name: str,
+                    tokenizer_from: str | Path | None, max_shard_size: str | int, overwrite: bool,
+                    progress: bool) -> Path:
+    """Write an HF folder from `tensors_for(specs)`: (HF name, torch-layout array) in the specs'
+    order; config.json (dtype set), generation config, tokenizer and mask record from `side_dir`."""
+    cfg = LlamaConfig.from_hf_dict(raw_config)
     out_dtype = dtype_named(out_name, "--dtype")
-    tok_src = Path(tokenizer_from) if tokenizer_from else reader.folder
+    tok_src = Path(tokenizer_from) if tokenizer_from else side_dir
     if tokenizer_from and not any((tok_src / f).is_file() for f in TOKENIZER_FILES):
         names = ", ".join(TOKENIZER_FILES[:3])
         raise NpoJaxError(f"--tokenizer-from {tok_src}: no tokenizer files there ({names}, ...)")
@@ -98,7 +117,7 @@ def orbax_to_hf(src: str | Path, dst: str | Path, dtype: str | None = None,
 
     with atomic_output_dir(dst, overwrite) as tmp:
         weight_map, total, checksums = {}, 0, {}
-        tensors = _hf_tensors(reader, specs, out_dtype)
+        tensors = tensors_for(specs)
         bar = tqdm(total=len(entries), desc="params -> hf", unit="tensor", disable=not progress)
         for shard_name, shard_entries in zip(shard_names, shards, strict=True):
             writer = SafetensorsWriter(tmp / shard_name, shard_entries)
@@ -113,10 +132,10 @@ def orbax_to_hf(src: str | Path, dst: str | Path, dtype: str | None = None,
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
         write_checksums(tmp, {**checksums, INDEX_NAME: file_checksum(tmp / INDEX_NAME)})
-        (tmp / "config.json").write_text(json.dumps(with_dtype(reader.raw_config, out_name), indent=2) + "\n")
-        if not copy_side_files(reader.folder, tmp, ("generation_config.json",)):
-            generation = _generation_config(reader.raw_config)
+        (tmp / "config.json").write_text(json.dumps(with_dtype(raw_config, out_name), indent=2) + "\n")
+        if not copy_side_files(side_dir, tmp, ("generation_config.json",)):
+            generation = _generation_config(raw_config)
             (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         copy_side_files(tok_src, tmp, TOKENIZER_FILES)
-        copy_record(reader.folder, tmp)  # the mask convention the model was trained with
+        copy_record(side_dir, tmp)  # the mask convention the model was trained with
     return dst

@@ -27,6 +27,10 @@ def _convert_parser(sub) -> None:
     o2h.add_argument("--tokenizer-from", default=None, help="folder to copy tokenizer files from")
     o2h.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
     o2h.add_argument("--overwrite", action="store_true")
+    o2h.add_argument("--adapter", action="store_true",
+                     help="LoRA run: write a PEFT adapter folder (adapter_config.json, adapter_model.safetensors) "
+                          "instead of the base model with the adapters merged in")
+    o2h.add_argument("--base", default=None, help="LoRA run: the base model folder (default: the recorded path)")
 
 
 def parse_mesh(text: str):
@@ -182,6 +186,15 @@ def _run(args) -> int | None:
         if args.direction == "hf-to-orbax":
             mesh = parse_mesh(args.mesh) if args.mesh else None
             out = hf_to_orbax(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite, mesh=mesh)
+        elif args.adapter:
+            from convert.lora_export import adapter_to_peft
+
+            out = adapter_to_peft(args.src, args.dst, overwrite=args.overwrite)
+        elif args.base:
+            from convert.lora_export import merged_to_hf
+
+            out = merged_to_hf(args.src, args.dst, args.dtype, args.tokenizer_from, args.max_shard_size,
+                               args.overwrite, base=args.base)
         else:
             out = orbax_to_hf(args.src, args.dst, dtype=args.dtype, tokenizer_from=args.tokenizer_from,
                               max_shard_size=args.max_shard_size, overwrite=args.overwrite)

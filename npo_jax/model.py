@@ -45,19 +45,46 @@ def _normal(rngs: nnx.Rngs, shape, dtype, std=0.02):
     return std * jax.random.normal(rngs.params(), shape, dtype)
 
 
-class Linear(nnx.Module):
-    """y = x @ kernel (+ bias); kernel (in, out), with optional leading stack axes."""
+class LoRADropoutKey(nnx.Variable):
+    """A raw PRNG key (uint32[2], per layer when stacked) for a LoRA adapter's input dropout; set by
+    the train step for each micro-batch (`npo_jax.lora.LoraModel`), never trained."""
 
-    def __init__(self, d_in, d_out, *, use_bias, stack, rngs, param_dtype, compute_dtype):
+
+class Linear(nnx.Module):
+    """y = x @ kernel (+ bias); kernel (in, out), with optional leading stack axes.
+
+    With `lora` (an `npo_jax.lora.LoraSpec`), PEFT's LoRA layer on top: y += scale *
+    (dropout(x) @ lora_a) @ lora_b, lora_a (in, rank) and lora_b (rank, out) float32
+    `nnx.LoRAParam`s (the transposes of PEFT's lora_A / lora_B weights), scale = alpha / rank.
+    """
+
+    def __init__(self, d_in, d_out, *, use_bias, stack, rngs, param_dtype, compute_dtype, lora=None):
         self.kernel = nnx.Param(_normal(rngs, (*stack, d_in, d_out), param_dtype))
         self.bias = nnx.Param(jnp.zeros((*stack, d_out), param_dtype)) if use_bias else None
         self.compute_dtype = compute_dtype
+        on = lora is not None
+        self.lora_a = nnx.LoRAParam(jnp.zeros((*stack, d_in, lora.rank), jnp.float32)) if on else None
+        self.lora_b = nnx.LoRAParam(jnp.zeros((*stack, lora.rank, d_out), jnp.float32)) if on else None
+        self.lora_key = LoRADropoutKey(jnp.zeros((*stack, 2), jnp.uint32)) if on and lora.dropout > 0 else None
+        self.lora_scale, self.lora_dropout = (lora.alpha / lora.rank, lora.dropout) if on else (0.0, 0.0)
 
     def __call__(self, x):
-        y = _matmul_2d(x.astype(self.compute_dtype), self.kernel[...].astype(self.compute_dtype))
+        cd = self.compute_dtype
+        y = _matmul_2d(x.astype(cd), self.kernel[...].astype(cd))
         if self.bias is not None:
-            y = y + self.bias[...].astype(self.compute_dtype)
+            y = y + self.bias[...].astype(cd)
+        if self.lora_a is not None:
+            y = y + self._lora(x)
         return y
+
+    def _lora(self, x):
+        """PEFT's `lora_B(lora_A(dropout(x))) * scaling`, in compute dtype."""
+        cd = self.compute_dtype
+        if self.lora_key is not None:
+            keep = jax.random.bernoulli(self.lora_key[...], 1.0 - self.lora_dropout, x.shape)
+            x = jnp.where(keep, x / (1.0 - self.lora_dropout), jnp.zeros((), x.dtype))
+        h = _matmul_2d(x.astype(cd), self.lora_a[...].astype(cd))
+        return _matmul_2d(h, self.lora_b[...].astype(cd)) * jnp.asarray(self.lora_scale, cd)
 
 
 def _matmul_2d(x, w, **kwargs):
@@ -82,15 +109,20 @@ class RMSNorm(nnx.Module):
         return self.scale[...].astype(x.dtype) * h.astype(x.dtype)
 
 
+def _lora_for(lora, name):
+    """The LoRA spec if projection `name` is one of its targets, else None."""
+    return lora if lora is not None and name in lora.targets else None
+
+
 class Attention(nnx.Module):
-    def __init__(self, cfg: LlamaConfig, *, stack, rngs, param_dtype, compute_dtype):
+    def __init__(self, cfg: LlamaConfig, *, stack, rngs, param_dtype, compute_dtype, lora=None):
         kw = dict(use_bias=cfg.attention_bias, stack=stack, rngs=rngs, param_dtype=param_dtype,
                   compute_dtype=compute_dtype)
         h, kv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.q_proj = Linear(cfg.hidden_size, h * d, **kw)
-        self.k_proj = Linear(cfg.hidden_size, kv * d, **kw)
-        self.v_proj = Linear(cfg.hidden_size, kv * d, **kw)
-        self.o_proj = Linear(h * d, cfg.hidden_size, **kw)
+        self.q_proj = Linear(cfg.hidden_size, h * d, lora=_lora_for(lora, "q_proj"), **kw)
+        self.k_proj = Linear(cfg.hidden_size, kv * d, lora=_lora_for(lora, "k_proj"), **kw)
+        self.v_proj = Linear(cfg.hidden_size, kv * d, lora=_lora_for(lora, "v_proj"), **kw)
+        self.o_proj = Linear(h * d, cfg.hidden_size, lora=_lora_for(lora, "o_proj"), **kw)
         self.num_kv_heads, self.num_groups, self.head_dim = kv, cfg.num_query_groups, d
 
     def __call__(self, x, cos, sin, mask, kv_cache, cache_index):
@@ -119,12 +151,12 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    def __init__(self, cfg: LlamaConfig, *, stack, rngs, param_dtype, compute_dtype):
+    def __init__(self, cfg: LlamaConfig, *, stack, rngs, param_dtype, compute_dtype, lora=None):
         kw = dict(use_bias=cfg.mlp_bias, stack=stack, rngs=rngs, param_dtype=param_dtype,
                   compute_dtype=compute_dtype)
-        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, **kw)
-        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, **kw)
-        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, **kw)
+        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, lora=_lora_for(lora, "gate_proj"), **kw)
+        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, lora=_lora_for(lora, "up_proj"), **kw)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, lora=_lora_for(lora, "down_proj"), **kw)
 
     def __call__(self, x):
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -133,8 +165,8 @@ class MLP(nnx.Module):
 class DecoderLayer(nnx.Module):
     """One decoder layer; built with `stack=(num_layers,)` it holds all layers' params."""
 
-    def __init__(self, cfg: LlamaConfig, *, stack, rngs, param_dtype, compute_dtype):
-        kw = dict(stack=stack, rngs=rngs, param_dtype=param_dtype, compute_dtype=compute_dtype)
+    def __init__(self, cfg: LlamaConfig, *, stack, rngs, param_dtype, compute_dtype, lora=None):
+        kw = dict(stack=stack, rngs=rngs, param_dtype=param_dtype, compute_dtype=compute_dtype, lora=lora)
         self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, stack=stack,
                                        param_dtype=param_dtype)
         self.self_attn = Attention(cfg, **kw)
@@ -166,7 +198,8 @@ class Embed(nnx.Module):
 
 class LlamaForCausalLM(nnx.Module):
     def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32,
-                 compute_dtype=jnp.float32, remat: str = "none"):
+                 compute_dtype=jnp.float32, remat: str = "none", lora=None):
+        """`lora`: an `npo_jax.lora.LoraSpec` puts adapters on its target projections of every layer."""
         if remat not in REMAT_POLICIES:
             raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {remat!r}")
         self.config = cfg
@@ -175,7 +208,7 @@ class LlamaForCausalLM(nnx.Module):
         self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, rngs=rngs, param_dtype=param_dtype,
                                   pad_id=cfg.pad_token_id)
         self.layers = DecoderLayer(cfg, stack=(cfg.num_hidden_layers,), rngs=rngs,
-                                   param_dtype=param_dtype, compute_dtype=compute_dtype)
+                                   param_dtype=param_dtype, compute_dtype=compute_dtype, lora=lora)
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, stack=(), param_dtype=param_dtype)
         self.lm_head = None if cfg.tie_word_embeddings else Linear(
             cfg.hidden_size, cfg.vocab_size, use_bias=False, stack=(), rngs=rngs, param_dtype=param_dtype,

@@ -19,6 +19,7 @@ from npo_jax.checkpoint import ParamsReader
 from npo_jax.config import LlamaConfig, read_config_dict
 from npo_jax.dtypes import dtype as dtype_named
 from npo_jax.errors import NpoJaxError
+from npo_jax.lora import RECORD as LORA_RECORD
 from npo_jax.params import IGNORED_HF_SUFFIXES, param_specs, stored_shape
 from npo_jax.safetensors_io import FLOAT_DTYPES, INDEX_NAME, SINGLE_NAME, HFWeights
 from npo_jax.tree_paths import get_path, set_path
@@ -105,6 +106,9 @@ def load_model(path: str | Path, shardings_for=None) -> LoadedModel:
     path = Path(path)
     if not path.is_dir():
         raise NpoJaxError(f"model.path {path}: no such folder")
+    if (path / LORA_RECORD).is_file():
+        raise NpoJaxError(f"model.path {path}: the checkpoints of a LoRA run (adapters only); export them merged "
+                          f"into their base first: npo-jax convert orbax-to-hf {path} OUT")
     cfg = LlamaConfig.from_folder(path)
     shardings = shardings_for(cfg) if shardings_for else None
     if is_hf_folder(path):

@@ -32,6 +32,7 @@ from flax.jax_utils import replicate
 from jax.sharding import NamedSharding, PartitionSpec
 
 from npo_jax.errors import NpoJaxError
+from npo_jax.lora import adapter_shardings
 from npo_jax.losses import Objective
 from npo_jax.run_config import RunConfig
 from npo_jax.sharding import make_mesh, param_shardings
@@ -97,8 +98,11 @@ class Placement(abc.ABC):
         """Shardings to load params onto (a `load_model` `shardings_for`), or None: host arrays."""
 
     @abc.abstractmethod
-    def start(self, graphdef, config, params, obj: Objective, tx, schedule) -> Placed:
-        """The initial state from float32 `params`, a live reference if `obj` needs one, the step."""
+    def start(self, graphdef, config, params, obj: Objective, tx, schedule, base=None) -> Placed:
+        """The initial state from float32 `params`, a live reference if `obj` needs one, the step.
+
+        With LoRA, `graphdef` is an `npo_jax.lora.LoraModel`, `params` the adapters and `base`
+        the frozen base params: they take the reference's place (the reference is the base model)."""
 
     @abc.abstractmethod
     def grads_fn(self, graphdef, config, obj: Objective):
@@ -150,15 +154,20 @@ class ShardedPlacement(Placement):
     def param_shardings(self, config) -> dict:
         return param_shardings(config, self.mesh)
 
-    def start(self, graphdef, config, params, obj: Objective, tx, schedule) -> Placed:
+    def start(self, graphdef, config, params, obj: Objective, tx, schedule, base=None) -> Placed:
         p_shardings = self.param_shardings(config)
         method_state = obj.initial_state()
+        live = obj.needs_live_reference or base is not None
+        ref_params = base if base is not None else jax.tree.map(jnp.copy, params) if live else None
+        if base is not None:
+            base_specs = jax.tree.map(lambda s: s.spec, p_shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
+            p_shardings, ref_shardings = adapter_shardings(base_specs, graphdef.spec, self.mesh), p_shardings
+        else:
+            ref_shardings = p_shardings
         shardings = state_shardings(tx, params, p_shardings, self.mesh, method_state)
         state = jax.jit(lambda p: init_state(p, tx, method_state), out_shardings=shardings)(params)
-        live = obj.needs_live_reference
-        ref_params = jax.tree.map(jnp.copy, params) if live else None
         step = make_sharded_step(graphdef, obj, tx, schedule, self.mesh, shardings, self.units,
-                                 p_shardings if live else None, span=self.span)
+                                 ref_shardings if live else None, span=self.span)
         return Placed(state, ref_params, CompiledStep(step))
 
     def grads_fn(self, graphdef, config, obj: Objective):
@@ -209,11 +218,14 @@ class PmapPlacement(Placement):
     def param_shardings(self, config) -> None:
         return None
 
-    def start(self, graphdef, config, params, obj: Objective, tx, schedule) -> Placed:
+    def start(self, graphdef, config, params, obj: Objective, tx, schedule, base=None) -> Placed:
         devices = jax.local_devices()
         host = jax.device_get(params)
         state = replicate(init_state(host, tx, jax.device_get(obj.initial_state())), devices)
-        ref_params = replicate(host, devices) if obj.needs_live_reference else None
+        if base is not None:
+            ref_params = replicate(jax.device_get(base), devices)
+        else:
+            ref_params = replicate(host, devices) if obj.needs_live_reference else None
         step = make_pmap_step(graphdef, obj, tx, schedule, units=self.device_units, span=self.span)
         return Placed(state, ref_params, CompiledStep(step))
 

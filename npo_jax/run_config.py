@@ -147,6 +147,21 @@ class CheckpointConfig:
     checksums: bool = True
 
 
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapters (docs/lora.md), PEFT's LoraConfig: r, lora_alpha, lora_dropout, target_modules."""
+
+    rank: int = 0  # 0: no LoRA, every parameter trained
+    alpha: float = 16.0  # the adapters' output is scaled by alpha / rank
+    dropout: float = 0.0  # on the adapter's input, training only
+    targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    base_dtype: Literal[COMPUTE_DTYPES] = "float32"  # the frozen base weights (adapters are float32)
+    init_from: str | None = None  # a PEFT adapter folder to start from; None: PEFT's init (B = 0) from the seed
+
+
 @dataclass
 class RunConfig:
     output_dir: str = MISSING
@@ -158,6 +173,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 def _valid_keys(cls, prefix: str = "") -> list[str]:
@@ -203,6 +219,9 @@ RANGES = {
     "parallel.tensor": (1, None),
     "checkpoint.every_steps": (0, None),
     "checkpoint.keep": (1, None),
+    "lora.rank": (0, None),
+    "lora.alpha": ({0}, None),
+    "lora.dropout": (0, {1}),
 }
 
 
@@ -286,6 +305,11 @@ def _check_values(cfg: RunConfig, where: str) -> None:
     if cfg.parallel.data != -1 and cfg.parallel.data < 1:
         raise NpoJaxError(f"{where}: parallel.data={cfg.parallel.data} is out of range: it must be -1 (all devices "
                           "not used by fsdp x tensor) or >= 1")
+    targets = cfg.lora.targets
+    bad = [t for t in targets if t not in LORA_TARGETS]
+    if cfg.lora.rank and (bad or not targets or len(set(targets)) != len(targets)):
+        raise NpoJaxError(f"{where}: lora.targets {list(targets)} must be distinct names among "
+                          f"{', '.join(LORA_TARGETS)}, at least one{'; unknown: ' + ', '.join(bad) if bad else ''}")
     buckets = cfg.data.length_buckets
     if not buckets or sorted(set(buckets)) != buckets or buckets[0] < 1 or buckets[-1] != cfg.data.max_length:
         raise NpoJaxError(f"{where}: data.length_buckets {buckets} must be increasing, positive and end at "

@@ -46,6 +46,8 @@ from npo_jax.checkpoint import TOKENIZER_FILES, copy_side_files, remove_unfinish
 from npo_jax.data.batches import StepPlan, step_batch
 from npo_jax.errors import NpoJaxError, Preempted
 from npo_jax.fs import cache_dir, warn
+from npo_jax.lora import LoraModel, LoraSpec, base_checksum, init_adapters, load_peft_adapters
+from npo_jax.lora import write_record as write_lora_record
 from npo_jax.losses import Objective
 from npo_jax.mask_convention import resolve_eot_mask, write_record
 from npo_jax.model import abstract_model, split_params
@@ -73,13 +75,26 @@ def _prepare_output(out: Path, overwrite: bool) -> None:
 
 
 def _load_model(cfg: RunConfig, placement: Placement):
-    """(graphdef, config, side-files folder, float32 master params on the placement's shardings)."""
+    """(graphdef, config, side-files folder, params on the placement's shardings): float32 master
+    params; with LoRA the base params in `lora.base_dtype`, and the graphdef a `LoraModel`."""
     dtype = dtypes.dtype(cfg.model.compute_dtype, "model.compute_dtype")
     loaded = load_model(cfg.model.path, placement.param_shardings)
-    graphdef, _ = split_params(abstract_model(loaded.config, compute_dtype=dtype, remat=cfg.model.remat))
-    # float32 master params; no second copy when they already are (keeping `loaded` would hold one)
-    params = jax.tree.map(lambda x: x if x.dtype == jnp.float32 else x.astype(jnp.float32), loaded.params)
+    spec = LoraSpec.from_config(cfg.lora)
+    keep = jnp.float32 if spec is None else dtypes.dtype(cfg.lora.base_dtype, "lora.base_dtype")
+    # no second copy when the params already have the dtype (keeping `loaded` would hold one)
+    params = jax.tree.map(lambda x: x if x.dtype == keep else x.astype(keep), loaded.params)
+    if spec is not None:
+        graphdef = LoraModel(loaded.config, spec, compute_dtype=dtype, remat=cfg.model.remat, seed=cfg.seed)
+    else:
+        graphdef, _ = split_params(abstract_model(loaded.config, compute_dtype=dtype, remat=cfg.model.remat))
     return graphdef, loaded.config, loaded.side_files_dir, params
+
+
+def _initial_adapters(cfg: RunConfig, config, spec: LoraSpec) -> dict:
+    """A PEFT adapter folder's adapters (lora.init_from), else PEFT's init from the run's seed."""
+    if cfg.lora.init_from:
+        return load_peft_adapters(cfg.lora.init_from, config, spec)
+    return init_adapters(config, spec, cfg.seed)
 
 
 def _resolve_mask(cfg: RunConfig) -> RunConfig:
@@ -139,12 +154,20 @@ class Trainer:
         self.data = load_train_data(cfg, mode, self.objective.uses_retain, cache,
                                     with_refusals="alternate" in self.objective.module.FORGET_GROUPS)
         self.graphdef, config, self.side_files_dir, params = _load_model(cfg, self.placement)
+        lora = isinstance(self.graphdef, LoraModel)
+        # with LoRA the loaded params are the frozen base; the trained params are new adapters
+        base, params = (params, _initial_adapters(cfg, config, self.graphdef.spec)) if lora else (None, params)
+        self.base_model = ({"path": str(Path(cfg.model.path).resolve()), "sha256": base_checksum(cfg.model.path)}
+                           if lora else None)
         self.plan = StepPlan(len(self.data.examples), cfg.optim.effective_batch, cfg.optim.epochs, cfg.seed,
                              cfg.optim.epoch_mode)
         self.total_steps = self.plan.total_steps if max_steps is None else min(max_steps, self.plan.total_steps)
         update_mask, method = None, self.objective.module
         if hasattr(method, "prepare"):  # RMU: its layer, control vector and trainable parameters
             self.objective, update_mask = method.prepare(self.objective, config, cfg.method, cfg.seed)
+            if lora and update_mask is not None:  # the mask selects base parameters, which LoRA freezes
+                raise NpoJaxError(f"method.name={cfg.method.name} selects base parameters to train "
+                                  "(method.trainable_params_regex); it does not run with lora.rank > 0")
         tx, schedule = _optimizer(cfg, params, self.plan, update_mask)
         ckpt_dir = (self.out / "checkpoints").absolute()
         distributed.barrier("npo_jax_output_checked")  # no host may see the folder the primary creates now
@@ -153,18 +176,19 @@ class Trainer:
             remove_unfinished_saves(ckpt_dir)
             if hasattr(method, "write_run_files"):
                 method.write_run_files(self.objective, self.out)
-        self.ref_logp = (forget_reference_logprobs(cfg, self.data, self.graphdef, params, cache, self.out)
+        ref_graphdef, ref_params = (self.graphdef.base_graphdef, base) if lora else (self.graphdef, params)
+        self.ref_logp = (forget_reference_logprobs(cfg, self.data, ref_graphdef, ref_params, cache, self.out)
                          if self.objective.cached_reference else None)
         self.state, self.ref_params, self.step_fn = self.placement.start(
-            self.graphdef, config, params, self.objective, tx, schedule)
-        del params  # the state holds its own copy; the loaded one would take the room a restore needs
+            self.graphdef, config, params, self.objective, tx, schedule, base=base)
+        del params, base, ref_params  # the state holds its own copy; the loaded one would take the room a restore needs
         self.checkpoints = TrainCheckpoints(ckpt_dir, cfg.checkpoint.keep, cfg.checkpoint.checksums)
         self.start_step = 0
         self._retain_eval = None  # compiled on first use (`_retain_mean`)
         if resume and (latest := self.checkpoints.latest_step()) is not None:
             state, self.start_step = self.checkpoints.restore(
                 latest, self.placement.abstract_state(self.state), total_steps=self.plan.total_steps, seed=cfg.seed,
-                data_order=self.data_order)
+                data_order=self.data_order, base_model=self.base_model)
             self.state = self.placement.place_restored(state)
 
     @property
@@ -176,6 +200,8 @@ class Trainer:
         """Start an async save of `step` (after the previous one is complete and checksummed)."""
         meta = {"step": step, "data_position": step, "total_steps": self.plan.total_steps, "seed": self.cfg.seed,
                 "mode": self.mode, "strategy": self.placement.strategy, "data_order": self.data_order}
+        if self.base_model is not None:
+            meta["base_model"] = self.base_model
         self.checkpoints.save(step, self.placement.host_state(self.state), meta)
 
     def _preempt(self, step: int, signum: int | None) -> None:
@@ -260,6 +286,8 @@ class Trainer:
         if self.cfg.model.tokenizer:
             copy_side_files(Path(self.cfg.model.tokenizer), self.out / "checkpoints", TOKENIZER_FILES)
         write_record(self.out / "checkpoints", self.cfg.data.eot_mask_quirk)  # export and eval read it
+        if self.base_model is not None:  # what the adapters are and the base they need (export reads it)
+            write_lora_record(self.out / "checkpoints", self.graphdef.spec, self.base_model)
 
     def train(self) -> dict:
         cfg = self.cfg
@@ -284,7 +312,7 @@ class Trainer:
                     self.checkpoints.finish_saves()  # a save in flight is of an earlier, good step: let it complete
                 raise
         # signals act as usual again: the export is all-or-nothing, and --resume redoes it
-        if cfg.checkpoint.export_hf and primary:
+        if cfg.checkpoint.export_hf and primary:  # a LoRA run's adapters merged into the base
             orbax_to_hf(self.out / "checkpoints", self.out / "hf", dtype=cfg.checkpoint.export_dtype,
                         overwrite=True, progress=self.progress)
         info = {"steps": self.total_steps, "steps_per_epoch": self.plan.steps_per_epoch,

@@ -51,6 +51,18 @@ def _out_of_space(e: BaseException) -> bool:
         os_text in str(e) for os_text in ("No space left", "File too large", "Disk quota exceeded"))
 
 
+def _check_base(step_dir: Path, saved: dict | None, current: dict | None) -> None:
+    """LoRA adapters resume only on the base model they were trained on (`npo_jax.lora.base_checksum`)."""
+    if (saved is None) != (current is None):
+        what = "LoRA adapters" if saved else "a full model"
+        raise NpoJaxError(f"{step_dir}: the checkpoint holds {what}, this run trains "
+                          f"{'a full model (lora.rank=0)' if saved else 'LoRA adapters'}")
+    if saved is not None and saved["sha256"] != current["sha256"]:
+        raise NpoJaxError(f"{step_dir}: the adapters were trained on the base model {saved['path']} (sha256 "
+                          f"{saved['sha256'][:16]}...); model.path {current['path']} has sha256 "
+                          f"{current['sha256'][:16]}... (another base model)")
+
+
 class TrainCheckpoints:
     """Saves and restores of one run's train state; `last_saved` is the newest step saved (maybe
     still writing), `last_complete` the newest written and checksummed (None: none yet)."""
@@ -104,7 +116,7 @@ class TrainCheckpoints:
         return f"{self.dir}: saving the checkpoint of step {step} failed{hint}: {_first_line(e)}; {kept}"
 
     def restore(self, step: int, abstract_state: dict, *, total_steps: int, seed: int,
-                data_order: dict | None = None) -> tuple[dict, int]:
+                data_order: dict | None = None, base_model: dict | None = None) -> tuple[dict, int]:
         """The state saved at `step` (laid out as `abstract_state`) and its data position, once its
         checksums verify and it comes from a run of `total_steps` steps with `seed` (and, if
         given, the same `data_order`; a checkpoint without one was saved with the defaults)."""
@@ -133,6 +145,7 @@ class TrainCheckpoints:
         if data_order is not None and saved_order != data_order:
             raise NpoJaxError(f"{step_dir}: saved by a run with {_order_text(saved_order)}; this config has "
                               f"{_order_text(data_order)} (the data order would differ)")
+        _check_base(step_dir, meta.get("base_model"), base_model)
         position = int(meta["data_position"])
         self.last_saved = self.last_complete = position
         return restored[STATE_ITEM], position

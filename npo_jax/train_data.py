@@ -76,8 +76,10 @@ def load_train_data(cfg: RunConfig, mode: str, with_retain: bool, cache: Path, w
 def forget_reference_logprobs(cfg: RunConfig, data: TrainData, graphdef, params, cache: Path, out: Path) -> np.ndarray:
     """The starting model's summed log-prob of each forget example, from the cache or computed
     (and cached); the primary also keeps a copy in the run folder."""
-    key = cache_key(cfg.model.path, data.examples, compute_dtype=cfg.model.compute_dtype,
-                    eot_mask_quirk=cfg.data.eot_mask_quirk)
+    compute = cfg.model.compute_dtype
+    if cfg.lora.rank and cfg.lora.base_dtype != "float32":  # the base model is rounded: other log-probs
+        compute = f"{compute}+base:{cfg.lora.base_dtype}"
+    key = cache_key(cfg.model.path, data.examples, compute_dtype=compute, eot_mask_quirk=cfg.data.eot_mask_quirk)
 
     def compute():
         return reference_logprobs(graphdef, params, data.examples, buckets=cfg.data.length_buckets,

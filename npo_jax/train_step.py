@@ -6,7 +6,10 @@ batch has leaves (accum, n, ...) where n = units per micro-batch x rows per unit
 leading device axis is added and each device's micro-batch holds `units` units. A unit is a
 loss group, or with `span` > 1 a part of one (`npo_jax.losses`).
 
-The train state is a plain dict {"params", "opt_state", "step"} that Orbax saves as is.
+The train state is a plain dict {"params", "opt_state", "step"} that Orbax saves as is. What
+"params" are is the model builder's business: the whole model (`FullModel`, a plain graphdef is
+taken as one), or LoRA adapters (`npo_jax.lora.LoraModel`), whose frozen base params then come
+in as the step's second argument, where a full model takes its live reference's params (or None).
 """
 
 from __future__ import annotations
@@ -24,31 +27,62 @@ from npo_jax.model import merge_params
 BATCH_AXES = ("data", "fsdp")
 
 
+class FullModel:
+    """Every parameter trained; the frozen params, if any, are the live reference's copy."""
+
+    dropout = False
+
+    def __init__(self, graphdef):
+        self.graphdef = graphdef
+
+    def models(self, params, frozen, key=None):
+        del key
+        return merge_params(self.graphdef, params), (
+            merge_params(self.graphdef, frozen) if frozen is not None else None)
+
+
+def model_builder(graphdef):
+    """`graphdef` as a builder: a `FullModel` for a plain graphdef; a builder (`models`) as is."""
+    return graphdef if hasattr(graphdef, "models") else FullModel(graphdef)
+
+
+def dropout_key(builder, step, device=None):
+    """The step's dropout key (seed, step and, under pmap, device), or None without dropout."""
+    if not builder.dropout:
+        return None
+    key = jax.random.fold_in(jax.random.PRNGKey(builder.seed), step)
+    return key if device is None else jax.random.fold_in(key, device)
+
+
 def accumulated_grads(graphdef, obj: Objective, params, ref_params, batch, units: int, span: int = 1,
-                      method_state=None, order: UnitOrder | None = None):
+                      method_state=None, order: UnitOrder | None = None, key=None):
     """Mean loss, aux terms and gradients over the micro-batches of `batch` (leading axis).
 
-    A method with training state carries it through the micro-batches in order, from
-    `method_state` (default: its initial state); the state after them is aux's "method_state"."""
+    Gradients are taken w.r.t. `params` only: `ref_params` (a live reference, or a LoRA base) are
+    constants. `key`: the step's dropout key, folded with the micro-batch index. A method with
+    training state carries it through the micro-batches in order, from `method_state` (default:
+    its initial state); the state after them is aux's "method_state"."""
+    builder = model_builder(graphdef)
     if method_state is None:
         method_state = obj.initial_state()
 
-    def loss_fn(p, micro, state):
-        model = merge_params(graphdef, p)
-        ref_model = merge_params(graphdef, ref_params) if ref_params is not None else None
+    def loss_fn(p, micro, state, micro_key):
+        model, ref_model = builder.models(p, ref_params, micro_key)
         unit_losses, aux = objective_loss(model, ref_model, micro, obj, units, span, state, order)
         state = aux.pop("method_state", None)
         return unit_losses.mean(), ({k: v.mean() for k, v in aux.items()}, state)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def body(acc, micro):
-        grads_sum, state = acc
-        (loss, (aux, state)), grads = grad_fn(params, micro, state)
+    def body(acc, xs):
+        (grads_sum, state), (micro, i) = acc, xs
+        micro_key = None if key is None else jax.random.fold_in(key, i)
+        (loss, (aux, state)), grads = grad_fn(params, micro, state, micro_key)
         return (jax.tree.map(jnp.add, grads_sum, grads), state), (loss, aux)
 
     zeros = jax.tree.map(jnp.zeros_like, params)
-    (grads, method_state), (losses, auxes) = jax.lax.scan(body, (zeros, method_state), batch)
+    n_micro = jax.tree.leaves(batch)[0].shape[0]
+    (grads, method_state), (losses, auxes) = jax.lax.scan(body, (zeros, method_state), (batch, jnp.arange(n_micro)))
     accum = losses.shape[0]
     grads = jax.tree.map(lambda g: g / accum, grads)
     aux = {k: v.mean() for k, v in auxes.items()}
@@ -98,14 +132,15 @@ def batch_shardings(batch, mesh) -> dict:
 
 
 def step_grads(graphdef, obj: Objective, units: int, span: int = 1, axis_name: str | None = None):
-    """grads(params, ref_params, batch, method_state=None) -> (loss, aux, grads): what a step
+    """grads(params, ref_params, batch, method_state=None, key=None) -> (loss, aux, grads): what a step
     applies; under pmap (`axis_name`) averaged over the devices. A method with state (PDU's dual)
     gets its new state as aux["method_state"], the same on every device (not averaged). The step
     and `make_*_grads` share it, so a test of the gradients tests the step's."""
 
-    def grads(params, ref_params, batch, method_state=None):
+    def grads(params, ref_params, batch, method_state=None, key=None):
         order = UnitOrder(axis_name) if axis_name else None
-        loss, aux, g = accumulated_grads(graphdef, obj, params, ref_params, batch, units, span, method_state, order)
+        loss, aux, g = accumulated_grads(graphdef, obj, params, ref_params, batch, units, span, method_state, order,
+                                         key)
         method = aux.pop("method_state", None)
         if axis_name:
             loss, aux, g = jax.lax.pmean((loss, aux, g), axis_name)
@@ -120,7 +155,8 @@ def make_sharded_step(graphdef, obj: Objective, tx, schedule, mesh, state_shardi
     grads_fn = step_grads(graphdef, obj, units, span)
 
     def step(state, ref_params, batch):
-        loss, aux, grads = grads_fn(state["params"], ref_params, batch, state.get("method"))
+        key = dropout_key(model_builder(graphdef), state["step"])
+        loss, aux, grads = grads_fn(state["params"], ref_params, batch, state.get("method"), key)
         method = aux.pop("method_state", None)
         return _apply(state, grads, loss, aux, tx, schedule, method)
 
@@ -170,7 +206,8 @@ def make_pmap_step(graphdef, obj: Objective, tx, schedule, axis_name: str = "dat
     grads_fn = step_grads(graphdef, obj, units, span, axis_name)
 
     def step(state, ref_params, batch):
-        loss, aux, grads = grads_fn(state["params"], ref_params, batch, state.get("method"))
+        key = dropout_key(model_builder(graphdef), state["step"], jax.lax.axis_index(axis_name))
+        loss, aux, grads = grads_fn(state["params"], ref_params, batch, state.get("method"), key)
         method = aux.pop("method_state", None)
         return _apply(state, grads, loss, aux, tx, schedule, method)
 
@@ -187,8 +224,7 @@ def make_retain_eval(graphdef, obj: Objective, units: int, span: int = 1, axis_n
     gradient (an epoch-end pass, `npo_jax.methods`); `axis_name`: under pmap, averaged over devices."""
 
     def f(params, ref_params, batch):
-        model = merge_params(graphdef, params)
-        ref_model = merge_params(graphdef, ref_params) if ref_params is not None else None
+        model, ref_model = model_builder(graphdef).models(params, ref_params)
         losses = jax.lax.map(lambda micro: retain_loss_only(model, ref_model, micro["retain"], obj, units, span), batch)
         mean = jax.lax.stop_gradient(losses.mean())
         return mean if axis_name is None else jax.lax.pmean(mean, axis_name)

@@ -81,13 +81,13 @@ def _field_types(cls, prefix=""):
 def test_every_run_config_field_is_checked():
     """Numbers have a range, strings a Literal's choices, except the free text and paths."""
     free_text = {"output_dir", "cache_dir", "model.path", "model.tokenizer", "data.dir", "data.tfds_dir",
-                 "data.system_prompt", "data.date_string", "data.idk_path",
+                 "data.system_prompt", "data.date_string", "data.idk_path", "lora.init_from",
                  "method.module_regex", "method.trainable_params_regex", "method.control_vec_path"}  # regexes: compiled
+    lists = {"data.length_buckets", "lora.targets", "method.loss_names"}  # checked as a whole by their checks
     for key, hint in _field_types(RunConfig):
         if hint in (int, float):
             assert key in RANGES or key == "parallel.data", key
-        elif key not in free_text and hint not in (bool, bool | None) and key not in ("data.length_buckets",
-                                                                                          "method.loss_names"):
+        elif key not in free_text and hint not in (bool, bool | None) and key not in lists:
             literal = [a for a in (hint, *typing.get_args(hint)) if typing.get_origin(a) is typing.Literal]
             assert literal, f"{key}: {hint} has no choices"
 
