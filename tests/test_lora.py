@@ -370,3 +370,11 @@ def test_peft_adapter_folder_as_starting_point(folder, tmp_path):
         load_peft_adapters(tmp_path / "adapter", cfg, LoraSpec(8, 8.0, 0.0, SOME))
     with pytest.raises(NpoJaxError, match="not a PEFT adapter folder"):
         load_peft_adapters(tmp_path, cfg, spec)
+
+
+def test_rmu_refuses_lora(mini, tmp_path):  # noqa: F811
+    """RMU's update mask selects base parameters (trainable_params_regex), which LoRA freezes."""
+    cfg = load_run_config(None, _overrides(mini, tmp_path / "run", "lora.rank=4", "lora.alpha=8", "parallel.data=1",
+                                           "method.name=RMU", r"method.module_regex=model\.layers\.0"))
+    with pytest.raises(NpoJaxError, match="does not run with lora.rank > 0"):
+        Trainer(cfg, "unlearn", progress=False)
