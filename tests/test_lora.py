@@ -3,6 +3,8 @@ three AdamW steps (float32, rtol 1e-4); the reference is the base model with no 
 the `lora` config section; LoRA runs on every placement, resume and the base-model check."""
 
 import json
+import shutil
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +15,7 @@ import torch
 from hf_models import load_hf, make_hf_model, tiny_config
 from test_methods import _open_unlearning, examples, ou_trainers  # noqa: F401 (a fixture)
 from test_train import _losses, _overrides, _train, mini  # noqa: F401 (a fixture)
-from tofu_fixture import make_tiny_model_with_tokenizer
+from tofu_fixture import add_eval_splits, make_tiny_model_with_tokenizer
 
 from npo_jax.data.batches import label_width, pad_examples
 from npo_jax.errors import NpoJaxError
@@ -368,3 +370,31 @@ def test_peft_adapter_folder_as_starting_point(folder, tmp_path):
         load_peft_adapters(tmp_path / "adapter", cfg, LoraSpec(8, 8.0, 0.0, SOME))
     with pytest.raises(NpoJaxError, match="not a PEFT adapter folder"):
         load_peft_adapters(tmp_path, cfg, spec)
+
+
+def test_eval_reads_an_adapter_run_as_its_merged_export(mini, tmp_path):  # noqa: F811
+    """`npo-jax eval --run RUN` on a LoRA run (adapters only in its checkpoints) loads the base with
+    the adapters merged in float32: the same TOFU log as evaluating its float32 merged HF export."""
+    from npo_jax.cli import main
+    from npo_jax.model_io import load_model
+
+    out = tmp_path / "run"
+    _lora_run(mini, out, "parallel.data=1", "checkpoint.export_hf=true", "checkpoint.export_dtype=float32",
+              "lora.targets=[q_proj,v_proj,down_proj]", "optim.lr=5e-2", max_steps=3)
+    adapter_run, merged = load_model(out / "checkpoints"), load_model(out / "hf")
+    assert adapter_run.kind == "lora" and merged.kind == "hf"
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-6), adapter_run.params, merged.params)
+    base = load_model(mini[2]).params
+    moved = get_path(adapter_run.params, ("layers", "self_attn", "q_proj", "kernel")) - get_path(
+        base, ("layers", "self_attn", "q_proj", "kernel"))
+    assert np.abs(moved).max() > 1e-4  # the adapters are in
+    data = add_eval_splits(Path(shutil.copytree(mini[1], tmp_path / "data")))
+    common = ["--limit", "4", "--max-new-tokens", "8", "--data-dir", str(data), "--tfds-dir", str(tmp_path / "tfds")]
+    assert main(["eval", "--run", str(out), *common]) == 0
+    assert main(["eval", str(out / "hf"), "--run", str(out), "--out", str(tmp_path / "merged_eval"), *common]) == 0
+    ours = json.loads((out / "eval" / "TOFU_EVAL.json").read_text())
+    theirs = json.loads((tmp_path / "merged_eval" / "TOFU_EVAL.json").read_text())
+    assert ours.keys() == theirs.keys()
+    aggs = [{k: v["agg_value"] for k, v in log.items() if isinstance(v, dict) and v.get("agg_value") is not None}
+            for log in (ours, theirs)]
+    assert len(aggs[1]) >= 10 and aggs[0] == pytest.approx(aggs[1], rel=1e-5, abs=1e-7)
