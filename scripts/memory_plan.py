@@ -28,6 +28,7 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import re  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -148,12 +149,30 @@ def compile_step(cfg: LlamaConfig, mesh_name: str, args):
     return compiled, time.perf_counter() - t0
 
 
-def memory_row(compiled) -> dict:
+def cpu_weight_upcasts(compiled, cfg: LlamaConfig) -> float:
+    """Bytes of float32 copies of whole bfloat16 weights in a CPU-compiled step. XLA:CPU runs bf16
+    dots in float32: it converts each bf16 weight stack and hoists the convert out of the layer scan
+    and the accumulation loop, so a full float32 copy of the weights sits in its temporaries. A
+    GPU/TPU compiler runs the dots in bf16 and makes no such copy: the plan subtracts these bytes
+    for its accelerator estimate (of a LoRA step over a bf16 base). Counted once per weight whose
+    shape some convert to f32 outputs."""
+    if jax.default_backend() != "cpu":
+        return 0.0
+    found = {tuple(int(d) for d in dims.split(",")) for dims in
+             re.findall(r"= f32\[([\d,]+)\]\{[^}]*\} convert\(", compiled.as_text())}
+    weights = [x for x in jax.tree.leaves(split_params(abstract_model(cfg))[1]) if x.ndim >= 2]
+    return float(sum(x.size * 4 for x in weights if tuple(x.shape) in found))
+
+
+def memory_row(compiled, cfg: LlamaConfig, bf16_weights: bool) -> dict:
     m = compiled.memory_analysis()
     args_b, out_b, alias_b, temp_b = (m.argument_size_in_bytes, m.output_size_in_bytes, m.alias_size_in_bytes,
                                       m.temp_size_in_bytes)
+    upcast = cpu_weight_upcasts(compiled, cfg) if bf16_weights else 0.0  # float32 master params: none
+    total = args_b + out_b - alias_b + temp_b
     return {"arguments_gib": args_b / GIB, "outputs_gib": out_b / GIB, "aliased_gib": alias_b / GIB,
-            "temporaries_gib": temp_b / GIB, "total_gib": (args_b + out_b - alias_b + temp_b) / GIB}
+            "temporaries_gib": temp_b / GIB, "total_gib": total / GIB, "cpu_weight_upcasts_gib": upcast / GIB,
+            "accelerator_gib": (total - upcast) / GIB}
 
 
 def main() -> None:
@@ -190,20 +209,22 @@ def main() -> None:
     rows, out = [], {}
     for name in args.meshes:
         compiled, secs = compile_step(cfg, name, args)
-        row = memory_row(compiled)
+        row = memory_row(compiled, cfg, bool(args.lora_rank) and args.base_dtype == "bfloat16")
         row["compile_s"] = secs
         out[name] = row
         rows.append((name, row))
-    print(f"\n{'mesh':<15} {'arguments':>10} {'outputs':>9} {'aliased':>9} {'temps':>8} {'total GiB':>10}  "
-          + "  ".join(f"{c:>14}" for c in CHIPS))
+    print(f"\n{'mesh':<15} {'arguments':>10} {'outputs':>9} {'aliased':>9} {'temps':>8} {'total GiB':>10} "
+          f"{'cpu f32 copies':>14} {'accelerator':>11}  " + "  ".join(f"{c:>14}" for c in CHIPS))
     for name, r in rows:
-        fits = "  ".join(f"{'fits' if r['total_gib'] <= gib * 0.95 else 'NO':>14}" for gib in CHIPS.values())
+        fits = "  ".join(f"{'fits' if r['accelerator_gib'] <= gib * 0.95 else 'NO':>14}" for gib in CHIPS.values())
         print(f"{name:<15} {r['arguments_gib']:10.2f} {r['outputs_gib']:9.2f} {r['aliased_gib']:9.2f} "
-              f"{r['temporaries_gib']:8.2f} {r['total_gib']:10.2f}  {fits}")
-    print("\n('fits': total per-device bytes within 95% of the chip's memory, leaving room for the runtime)")
+              f"{r['temporaries_gib']:8.2f} {r['total_gib']:10.2f} {r['cpu_weight_upcasts_gib']:14.2f} "
+              f"{r['accelerator_gib']:11.2f}  {fits}")
+    print("\n('accelerator': the total less XLA:CPU's float32 copies of bf16 weights; 'fits': that within 95% of "
+          "the chip's memory, leaving room for the runtime)")
     print("\nrecommended strategy per chip:")
     for chip, gib in CHIPS.items():
-        ok = [n for n, r in rows if r["total_gib"] <= gib * 0.95]
+        ok = [n for n, r in rows if r["accelerator_gib"] <= gib * 0.95]
         # prefer the least sharding that fits: plain data parallel (pmap) > data x fsdp > fsdp
         order = ["one device", "data=8 (pmap)", "data2 x fsdp4", "fsdp=8"]
         pick = next((n for n in order if n in ok), None)
