@@ -398,3 +398,33 @@ def test_eval_reads_an_adapter_run_as_its_merged_export(mini, tmp_path):  # noqa
     aggs = [{k: v["agg_value"] for k, v in log.items() if isinstance(v, dict) and v.get("agg_value") is not None}
             for log in (ours, theirs)]
     assert len(aggs[1]) >= 10 and aggs[0] == pytest.approx(aggs[1], rel=1e-5, abs=1e-7)
+
+
+def test_memory_plan_lora_step_holds_one_base_and_the_adapter_state():
+    """scripts/memory_plan.py --lora-rank: the compiled LoRA step's arguments are one bfloat16 base
+    (no reference copy), the float32 adapters and their two AdamW moments, and the batch; the
+    float32 weight copies it subtracts are exactly the base's float32 size (XLA:CPU's bf16 dots)."""
+    import argparse
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import memory_plan as mp
+
+    from npo_jax.config import LlamaConfig
+
+    cfg = LlamaConfig.from_hf_dict({**mp.LLAMA32_3B, "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128,
+                                    "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                                    "head_dim": 16}, "tiny")
+    args = argparse.Namespace(batch=4, per_device_batch=2, seq=32, dtype="bfloat16", remat="full",
+                              reference="cached", lora_rank=4, lora_targets=list(ALL), base_dtype="bfloat16")
+    compiled, _ = mp.compile_step(cfg, "one device", args)
+    base = sum(x.size for x in jax.tree.leaves(split_params(abstract_model(cfg))[1]))
+    adapters = sum(int(np.prod(s)) for s in adapter_shapes(cfg, LoraSpec(4, 8.0, 0.0, ALL)).values())
+    batch = sum(x.size * 4 for x in jax.tree.leaves(mp.abstract_batch(2, 2, 32, True)))
+    m = compiled.memory_analysis()
+    counters = 8 * 4  # step, AdamW count and schedule counters: a few int32 scalars at most
+    low = base * 2 + adapters * 4 * 3 + batch
+    assert low <= m.argument_size_in_bytes <= low + counters
+    row = mp.memory_row(compiled, cfg, True)
+    weights = sum(x.size for x in jax.tree.leaves(split_params(abstract_model(cfg))[1]) if x.ndim >= 2)
+    assert row["cpu_weight_upcasts_gib"] * mp.GIB == weights * 4
