@@ -175,7 +175,7 @@ def memory_row(compiled, cfg: LlamaConfig, bf16_weights: bool) -> dict:
             "accelerator_gib": (total - upcast) / GIB}
 
 
-def main() -> None:
+def parse_args():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", type=Path, default=None,
                     help="HF config.json (default: --model's)")
@@ -195,7 +195,11 @@ def main() -> None:
                     help="default: the three 8-device meshes")
     ap.add_argument("--no-compile-ratio", action="store_true", help="skip the 2- vs 28-layer compile timing")
     ap.add_argument("--json", action="store_true")
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
     if args.config is None and args.model == "3b" and SHARED_CONFIG.is_file():
         args.config = SHARED_CONFIG
     raw = read_config_dict(args.config) if args.config else {"3b": LLAMA32_3B, "8b": LLAMA31_8B}[args.model]
