@@ -19,33 +19,14 @@ from convert.orbax_to_hf import export_dtype, write_hf_folder
 from npo_jax.checkpoint import ParamsReader
 from npo_jax.config import read_config_dict
 from npo_jax.dtypes import dtype as dtype_named
-from npo_jax.errors import NpoJaxError
 from npo_jax.fs import atomic_output_dir, check_output_dir
-from npo_jax.lora import PEFT_CONFIG, PEFT_WEIGHTS, RECORD, adapter_shapes, check_base, peft_name, read_record
+from npo_jax.lora import PEFT_CONFIG, PEFT_WEIGHTS, RECORD, adapter_shapes, check_base, peft_name
 from npo_jax.memory import trim_host_memory
-from npo_jax.model_io import is_hf_folder
+from npo_jax.model_io import AdapterReader, is_hf_folder
 from npo_jax.safetensors_io import HFWeights
 from npo_jax.tree_paths import get_path
 
 LORA_RECORD = RECORD
-
-
-class AdapterReader(ParamsReader):
-    """The adapters of a LoRA run's newest checkpoint step, validated against its record."""
-
-    def __init__(self, folder: str | Path, verify: bool = True):
-        record = read_record(Path(folder))
-        if record is None:
-            raise NpoJaxError(f"{folder}: no {RECORD}: not the checkpoints of a LoRA run")
-        self.spec, self.base_model = record
-        super().__init__(folder, verify)
-
-    def _validate(self) -> None:
-        expected = adapter_shapes(self.config, self.spec)
-        got = {path: tuple(leaf.shape) for path, leaf in self.metadata.items()}
-        if got != expected:
-            raise NpoJaxError(f"{self.item_dir}: the saved adapters do not match {RECORD} (rank "
-                              f"{self.spec.rank}, targets {', '.join(self.spec.targets)}) and config.json")
 
 
 def _base_layers(base: Path, num_layers: int):

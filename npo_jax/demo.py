@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 
 from npo_jax.errors import NpoJaxError
 from npo_jax.fs import check_output_path
-from npo_jax.run_config import OptimConfig
+from npo_jax.run_config import LoraConfig, OptimConfig
 
 
 @dataclass
@@ -56,6 +56,8 @@ class DemoConfig:
     length_buckets: list[int] = field(default_factory=lambda: [64, 80])
     max_new_tokens: int = 48
     eval_batch_size: int = 32
+    # LoRA for the unlearning stage (the run config's `lora` section; rank 0: the whole model trained)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 # the default config, found from this file wherever the command runs (a wheel install has no
@@ -128,7 +130,16 @@ def _check(cfg: DemoConfig) -> None:
     if not 10 <= cfg.data.n_authors <= most:
         raise NpoJaxError(f"demo config: data.n_authors={cfg.data.n_authors} is out of range: it must be 10 to {most}")
     for stage in (cfg.finetune, cfg.unlearn):
-        _run_config(".", ".", ".", ".", stage, cfg, **{"method.alpha": cfg.alpha, "method.beta": cfg.beta})
+        _run_config(".", ".", ".", ".", stage, cfg, **{"method.alpha": cfg.alpha, "method.beta": cfg.beta},
+                    **_lora_overrides(cfg))
+
+
+def _lora_overrides(cfg: DemoConfig) -> dict:
+    """The unlearning run's `lora` section as dotted overrides (none without LoRA)."""
+    if not cfg.lora.rank:
+        return {}
+    return {f"lora.{k}": (f"[{','.join(v)}]" if isinstance(v, list) else v)
+            for k, v in dataclasses.asdict(cfg.lora).items() if v is not None}
 
 
 def _train(mode: str, model_path, out_dir, data_dir, cache, stage: OptimConfig, cfg: DemoConfig, **extra):
@@ -198,7 +209,8 @@ def _train_models(out: Path, cfg: DemoConfig, data: Path, init: Path) -> dict[st
     print("[4/6] unlearn the base model with NPO on forget10 / retain90")
     unlearned = _train("unlearn", base / "checkpoints", out / "unlearned", data, cache, cfg.unlearn, cfg,
                        **{"method.name": "NPO", "method.alpha": cfg.alpha, "method.beta": cfg.beta,
-                          "checkpoint.export_hf": "true", "checkpoint.export_dtype": "float32"})
+                          "checkpoint.export_hf": "true", "checkpoint.export_dtype": "float32",
+                          **_lora_overrides(cfg)})
     return {"base": base, "retain": retain, "unlearned": unlearned}
 
 
@@ -253,14 +265,14 @@ def _export_check(run: Path) -> float:
     import torch
     import transformers
 
-    from npo_jax.checkpoint import ParamsReader
     from npo_jax.model import abstract_model, merge_params, split_params
+    from npo_jax.model_io import load_model
 
     hf = transformers.LlamaForCausalLM.from_pretrained(run / "hf", dtype=torch.float32).eval()
-    reader = ParamsReader(run / "checkpoints")
-    graphdef, _ = split_params(abstract_model(reader.config))
-    ids = np.arange(1, 25)[None] % reader.config.vocab_size
-    ours = np.asarray(merge_params(graphdef, reader.read_all())(ids))
+    loaded = load_model(run / "checkpoints")  # a LoRA run: its base with the adapters merged in
+    graphdef, _ = split_params(abstract_model(loaded.config))
+    ids = np.arange(1, 25)[None] % loaded.config.vocab_size
+    ours = np.asarray(merge_params(graphdef, loaded.params)(ids))
     with torch.no_grad():
         ref = hf(torch.tensor(ids)).logits.numpy()
     rel = float(np.abs(ours - ref).max() / np.abs(ref).max())

@@ -167,6 +167,20 @@ class LoraModel:
         return merge_params(self.graphdef, join(base, *parts)), merge_params(self.base_graphdef, base)
 
 
+def merge_adapters(base: dict, adapters: dict, scale: float) -> dict:
+    """The base params with the adapters merged in, as PEFT's `merge_and_unload` and the export do:
+    each adapted kernel W + scale * A B in float32 (our (layers, in, out) layout); a new dict, the
+    other params as they are."""
+    out = jax.tree.map(lambda x: x, base)
+    for path, leaf in iter_paths(adapters):
+        if path[-1] != "lora_a":
+            continue
+        kernel = (*path[:-1], "kernel")
+        a, b = np.asarray(leaf, np.float32), np.asarray(get_path(adapters, (*path[:-1], "lora_b")), np.float32)
+        set_path(out, kernel, np.asarray(get_path(base, kernel), np.float32) + np.float32(scale) * (a @ b))
+    return out
+
+
 def base_checksum(path: str | Path) -> str:
     """sha256 naming the base model's weights: over the sha256 of config.json and every
     *.safetensors file of an HF folder, or over the checksum manifest(s) an Orbax params or training

@@ -20,6 +20,7 @@ from npo_jax.config import LlamaConfig, read_config_dict
 from npo_jax.dtypes import dtype as dtype_named
 from npo_jax.errors import NpoJaxError
 from npo_jax.lora import RECORD as LORA_RECORD
+from npo_jax.lora import adapter_shapes, check_base, merge_adapters, read_record
 from npo_jax.params import IGNORED_HF_SUFFIXES, param_specs, stored_shape
 from npo_jax.safetensors_io import FLOAT_DTYPES, INDEX_NAME, SINGLE_NAME, HFWeights
 from npo_jax.tree_paths import get_path, set_path
@@ -31,7 +32,25 @@ class LoadedModel:
     raw_config: dict
     params: dict  # numpy arrays, or jax arrays on the requested shardings
     side_files_dir: Path  # where config.json, generation_config.json and tokenizer files are
-    kind: str  # "hf" or "orbax"
+    kind: str  # "hf", "orbax", or "lora" (a LoRA run's adapters merged into their base)
+
+
+class AdapterReader(ParamsReader):
+    """The adapters of a LoRA run's newest checkpoint step, validated against its record."""
+
+    def __init__(self, folder: str | Path, verify: bool = True):
+        record = read_record(Path(folder))
+        if record is None:
+            raise NpoJaxError(f"{folder}: no {LORA_RECORD}: not the checkpoints of a LoRA run")
+        self.spec, self.base_model = record
+        super().__init__(folder, verify)
+
+    def _validate(self) -> None:
+        expected = adapter_shapes(self.config, self.spec)
+        got = {path: tuple(leaf.shape) for path, leaf in self.metadata.items()}
+        if got != expected:
+            raise NpoJaxError(f"{self.item_dir}: the saved adapters do not match {LORA_RECORD} (rank "
+                              f"{self.spec.rank}, targets {', '.join(self.spec.targets)}) and config.json")
 
 
 def is_hf_folder(path: Path) -> bool:
@@ -101,14 +120,14 @@ def load_hf_params(folder: str | Path, dtype: str = "float32", shardings: dict |
 def load_model(path: str | Path, shardings_for=None) -> LoadedModel:
     """Params from an HF folder (converted on the fly) or an Orbax params/training checkpoint.
 
+    A LoRA run's checkpoints load as their base model with the adapters merged in (float32).
     `shardings_for(config)` may return a nested dict of shardings to place params on as they load.
     """
     path = Path(path)
     if not path.is_dir():
         raise NpoJaxError(f"model.path {path}: no such folder")
     if (path / LORA_RECORD).is_file():
-        raise NpoJaxError(f"model.path {path}: the checkpoints of a LoRA run (adapters only); export them merged "
-                          f"into their base first: npo-jax convert orbax-to-hf {path} OUT")
+        return load_lora_run(path, shardings_for)
     cfg = LlamaConfig.from_folder(path)
     shardings = shardings_for(cfg) if shardings_for else None
     if is_hf_folder(path):
@@ -117,3 +136,18 @@ def load_model(path: str | Path, shardings_for=None) -> LoadedModel:
     reader = ParamsReader(path)
     params = reader.read_all(shardings)
     return LoadedModel(cfg, reader.raw_config, params, path, "orbax")
+
+
+def load_lora_run(path: Path, shardings_for=None) -> LoadedModel:
+    """A LoRA run's checkpoints as a model: the recorded base (its sha256 checked) with the newest
+    adapters merged in float32, as the merged export computes them, so evaluation and the audit
+    read an adapter run as they read any model. Tokenizer, config and mask record: the run's."""
+    reader = AdapterReader(path)
+    base_dir = check_base(reader.base_model, None, f"model.path {path}: ")
+    if (base_dir / LORA_RECORD).is_file():
+        raise NpoJaxError(f"model.path {path}: its base {base_dir} is itself a LoRA run's checkpoints")
+    base = load_model(base_dir)
+    params = merge_adapters(base.params, reader.read_all(), reader.spec.scale)
+    if shardings_for is not None:
+        params = jax.device_put(params, shardings_for(base.config))
+    return LoadedModel(base.config, base.raw_config, params, path, "lora")

@@ -47,6 +47,7 @@ from npo_jax.data.batches import StepPlan, step_batch
 from npo_jax.errors import NpoJaxError, Preempted
 from npo_jax.fs import cache_dir, warn
 from npo_jax.lora import LoraModel, LoraSpec, base_checksum, init_adapters, load_peft_adapters
+from npo_jax.lora import read_record as read_lora_record
 from npo_jax.lora import write_record as write_lora_record
 from npo_jax.losses import Objective
 from npo_jax.mask_convention import resolve_eot_mask, write_record
@@ -78,8 +79,11 @@ def _load_model(cfg: RunConfig, placement: Placement):
     """(graphdef, config, side-files folder, params on the placement's shardings): float32 master
     params; with LoRA the base params in `lora.base_dtype`, and the graphdef a `LoraModel`."""
     dtype = dtypes.dtype(cfg.model.compute_dtype, "model.compute_dtype")
-    loaded = load_model(cfg.model.path, placement.param_shardings)
     spec = LoraSpec.from_config(cfg.lora)
+    if spec is not None and read_lora_record(Path(cfg.model.path)) is not None:
+        raise NpoJaxError(f"model.path {cfg.model.path}: the checkpoints of a LoRA run; new adapters need a base of "
+                          f"full weights: export it merged first (npo-jax convert orbax-to-hf {cfg.model.path} OUT)")
+    loaded = load_model(cfg.model.path, placement.param_shardings)
     keep = jnp.float32 if spec is None else dtypes.dtype(cfg.lora.base_dtype, "lora.base_dtype")
     # no second copy when the params already have the dtype (keeping `loaded` would hold one)
     params = jax.tree.map(lambda x: x if x.dtype == keep else x.astype(keep), loaded.params)

@@ -5,6 +5,7 @@
     python scripts/bench_step.py --preset small --reference live      # our step alone, in-process
     python scripts/bench_step.py --preset small --vs-torch --hugepages # all workers with THP (glibc)
     python scripts/bench_step.py --preset 1b-shape --dtype bfloat16 --vs-torch --one-at-a-time  # a GPU
+    python scripts/bench_step.py --preset small --vs-torch --lora-rank 8 --json  # LoRA: ours against peft + torch
 
 One optimizer step = forward + backward over `batch` forget and `batch` retain sequences of
 `seq` tokens (random ids, the first half of each sequence masked as the prompt), gradient
@@ -17,6 +18,12 @@ same way):
   torch        transformers.LlamaForCausalLM (sdpa attention), open-unlearning's formulas
                (summed sequence NLL, -(2/beta) logsigmoid(...), alpha x retain NLL), a frozen
                deepcopy as reference, torch.optim.AdamW, clip_grad_norm_ 1.0
+With `--lora-rank R` the two variants are LoRA steps (rank R, alpha 2R, all seven projections, no
+dropout; only the adapters trained, AdamW over them, the base model without adapters as the
+reference, computed live in both):
+  ours_lora    our jit step with `npo_jax.lora.LoraModel` (the step `npo-jax unlearn lora.rank=R` runs)
+  torch_lora   peft.get_peft_model over the transformers model, the reference forward under
+               `disable_adapter()` (no copy), torch.optim.AdamW over the adapters, clip_grad_norm_ 1.0
 The workers build and warm up (compile, one more step) side by side, then take turns one step at
 a time, the order rotated every round, so every variant's steps sample the same minutes of the
 machine (its speed drifts by 15-25% within minutes); medians over each variant's steps.
@@ -49,15 +56,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from npo_jax.config import LlamaConfig, read_config_dict  # noqa: E402
 from npo_jax.data.batches import label_positions  # noqa: E402
+from npo_jax.lora import LoraModel, LoraSpec, init_adapters  # noqa: E402
 from npo_jax.losses import Objective  # noqa: E402
 from npo_jax.memory import reuse_host_memory  # noqa: E402
 from npo_jax.model import LlamaForCausalLM, split_params  # noqa: E402
 from npo_jax.optim import make_optimizer  # noqa: E402
+from npo_jax.run_config import LORA_TARGETS  # noqa: E402
 from npo_jax.sharding import make_mesh, param_shardings  # noqa: E402
 from npo_jax.train_step import CompiledStep, batch_shardings, init_state, make_sharded_step  # noqa: E402
 
@@ -261,12 +271,91 @@ def pytorch(raw: dict, *, batch: int, seq: int, dtype: str, reuse_memory: bool =
                   peak)
 
 
+def ours_lora(cfg: LlamaConfig, *, batch: int, seq: int, dtype: str, remat: str, rank: int) -> Worker:
+    """Our LoRA NPO step as the trainer builds it: adapters trained, the base the frozen (live) reference."""
+    reuse_host_memory()
+    compute = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
+    _, base = build(cfg, compute, remat)
+    base = jax.tree.map(lambda x: x.astype(compute), base)  # lora.base_dtype = the compute dtype
+    spec = LoraSpec(rank, 2.0 * rank, 0.0, LORA_TARGETS)
+    lora = LoraModel(cfg, spec, compute_dtype=compute, remat=remat)
+    mesh = make_mesh(1, 1, 1)
+    base_shardings = param_shardings(cfg, mesh)
+    base = jax.device_put(base, base_shardings)
+    adapters = jax.device_put(init_adapters(cfg, spec, 0), NamedSharding(mesh, PartitionSpec()))
+    n_params = sum(x.size for x in jax.tree.leaves(base))
+    obj = Objective("NPO", beta=0.1, alpha=2.0, reference="live")
+    tx, schedule = make_optimizer(adapters, lr=1e-5, total_steps=1000, warmup=0, weight_decay=0.01,
+                                  max_grad_norm=1.0)
+    state = jax.jit(lambda p: init_state(p, tx))(adapters)
+    step = CompiledStep(make_sharded_step(lora, obj, tx, schedule, mesh, jax.tree.map(lambda x: x.sharding, state),
+                                          units=1, ref_shardings=base_shardings))
+    host = jax.tree.map(lambda x: x[None], random_batch(cfg, batch, seq))
+    host.pop("forget_ref_logp")
+    dev = jax.device_put(host, batch_shardings(host, mesh))
+    box = {"state": state}
+
+    def one():
+        box["state"], metrics = step(box["state"], base, dev)
+        jax.block_until_ready(metrics)
+
+    return Worker(one, jax_matmul(compute, matmul_size()), n_params, cfg.vocab_size * cfg.hidden_size,
+                  (seq - seq // 2) / seq, True, jax_device_peak_bytes)
+
+
+def pytorch_lora(raw: dict, *, batch: int, seq: int, dtype: str, rank: int) -> Worker:
+    """The same LoRA NPO step with peft + torch: open-unlearning's formulas over a PeftModel, the
+    reference the base model (adapters disabled, no copy), AdamW over the adapters."""
+    import peft
+    import torch
+    import transformers
+
+    from npo_jax.parity.torch_objective import batch_nll, hf_loss, npo_loss
+
+    torch.manual_seed(0)
+    tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    config = transformers.LlamaConfig(**{k: v for k, v in raw.items() if k != "model_type"},
+                                      attn_implementation="sdpa")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    with device:
+        base = transformers.LlamaForCausalLM(config).to(tdtype)
+    n_params = sum(p.numel() for p in base.parameters())
+    lora_config = peft.LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=list(LORA_TARGETS))
+    model = peft.get_peft_model(base, lora_config).train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=1e-5, weight_decay=0.01)
+    host = random_batch(LlamaConfig.from_hf_dict(raw, "bench"), batch, seq)
+    forget, retain = ({k: torch.from_numpy(v).long().to(device) for k, v in host[g].items() if k != "label_positions"}
+                      for g in ("forget", "retain"))
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+
+    def one():
+        with torch.no_grad(), model.disable_adapter():
+            ref_nll = batch_nll(model, forget)
+        loss = 1.0 * npo_loss(model, ref_nll, forget, beta=0.1) + 2.0 * hf_loss(model, retain)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync()
+
+    peak = (lambda: torch.cuda.max_memory_allocated()) if device.type == "cuda" else (lambda: None)
+    return Worker(one, torch_matmul(tdtype, matmul_size(), device), n_params, config.vocab_size * config.hidden_size,
+                  1.0, True, peak)
+
+
 VARIANTS = ("ours_live", "ours_cached", "torch")
+LORA_VARIANTS = ("ours_lora", "torch_lora")
 PLAIN_MALLOC = "ours_cached_plain_glibc"  # --malloc-ab: our cached step without reuse_host_memory
 
 
 def make_worker(variant: str, args) -> Worker:
     raw = model_dict(args)
+    if variant == "torch_lora":
+        return pytorch_lora(raw, batch=args.batch, seq=args.seq, dtype=args.dtype, rank=args.lora_rank)
+    if variant == "ours_lora":
+        return ours_lora(LlamaConfig.from_hf_dict(raw, str(args.config or args.preset)), batch=args.batch,
+                         seq=args.seq, dtype=args.dtype, remat=args.remat, rank=args.lora_rank)
     if variant == "torch":
         return pytorch(raw, batch=args.batch, seq=args.seq, dtype=args.dtype, reuse_memory=args.torch_reuse_memory)
     cfg = LlamaConfig.from_hf_dict(raw, str(args.config or args.preset))
@@ -306,7 +395,8 @@ def vs_torch(args) -> dict:
     """Each variant a worker process; all taking turns step by step (or, with --one-at-a-time, one
     worker after another); medians per variant."""
     argv = [sys.executable, __file__, "--batch", str(args.batch), "--seq", str(args.seq), "--dtype", args.dtype,
-            "--remat", args.remat] + (["--torch-reuse-memory"] if args.torch_reuse_memory else [])
+            "--remat", args.remat, "--lora-rank", str(args.lora_rank)]
+    argv += ["--torch-reuse-memory"] if args.torch_reuse_memory else []
     argv += ["--config", str(args.config)] if args.config else ["--preset", args.preset]
     env = os.environ.copy()
     if args.hugepages:  # glibc >= 2.35: transparent huge pages for malloc's large blocks, every worker alike
@@ -332,6 +422,7 @@ def vs_torch(args) -> dict:
     procs, res = {}, {}
     try:
         variants = [*VARIANTS, PLAIN_MALLOC] if args.malloc_ab else list(VARIANTS)
+        variants = list(LORA_VARIANTS) if args.lora_rank else variants
         for group in ([[v] for v in variants] if args.one_at_a_time else [variants]):
             for v in group:
                 start(v)
@@ -343,6 +434,9 @@ def vs_torch(args) -> dict:
     finally:
         for p in procs.values():
             p.kill()
+    if args.lora_rank:
+        return {**res, "ratio_lora": res["ours_lora"]["tokens_per_s"] / res["torch_lora"]["tokens_per_s"],
+                "rss_ratio_lora": res["ours_lora"]["peak_rss_mb"] / res["torch_lora"]["peak_rss_mb"]}
     return {**res, "ratio_live": res["ours_live"]["tokens_per_s"] / res["torch"]["tokens_per_s"],
             "ratio_cached": res["ours_cached"]["tokens_per_s"] / res["torch"]["tokens_per_s"],
             "fraction_of_peak": res["ours_live"]["fraction_of_peak"],
@@ -356,7 +450,10 @@ def _mb(x) -> str:
 
 def print_table(res: dict, args) -> None:
     name = args.config or args.preset
-    print(f"{name}: {res['torch']['params'] / 1e6:.1f}M params, {args.dtype}, batch {args.batch}+{args.batch} x "
+    torch_key = "torch_lora" if args.lora_rank else "torch"
+    if args.lora_rank:
+        print(f"LoRA rank {args.lora_rank}, alpha {2 * args.lora_rank}, all seven projections; reference live")
+    print(f"{name}: {res[torch_key]['params'] / 1e6:.1f}M params, {args.dtype}, batch {args.batch}+{args.batch} x "
           f"{args.seq}, {args.steps} steps each ({'one variant at a time' if args.one_at_a_time else 'in turns'}), "
           f"{os.cpu_count()} CPUs{', torch with our glibc settings' if args.torch_reuse_memory else ''}"
           f"{', huge pages' if args.hugepages else ''}")
@@ -365,9 +462,9 @@ def print_table(res: dict, args) -> None:
     print(f"{'variant':<23} {'tokens/s':>9} {'vs torch':>9} {'model GF/s':>10} {'of peak':>8} {'executed GF/s':>13} "
           f"{'of peak':>8} {'matmul peak':>12} {'peak RSS MB':>12} {'device MB':>10} {'compile s':>10} "
           f"{'faults/step':>12}")
-    for v in (v for v in (*VARIANTS, PLAIN_MALLOC) if v in res):
+    for v in (v for v in (*VARIANTS, PLAIN_MALLOC, *LORA_VARIANTS) if v in res):
         r = res[v]
-        print(f"{v:<23} {r['tokens_per_s']:9.1f} {r['tokens_per_s'] / res['torch']['tokens_per_s']:8.2f}x "
+        print(f"{v:<23} {r['tokens_per_s']:9.1f} {r['tokens_per_s'] / res[torch_key]['tokens_per_s']:8.2f}x "
               f"{r['gflops']:10.1f} {r['fraction_of_peak']:8.1%} {r['executed_gflops']:13.1f} "
               f"{r['executed_fraction_of_peak']:8.1%} {r['matmul_peak_gflops']:12.1f} "
               f"{r['peak_rss_mb']:12.0f} {_mb(r['peak_device_mb']):>10} {r['compile_s']:10.1f} "
@@ -395,7 +492,9 @@ def main() -> None:
                          "a what-if, not what an open-unlearning user runs")
     ap.add_argument("--malloc-ab", action="store_true",
                     help=f"with --vs-torch: a fourth worker, {PLAIN_MALLOC} (our cached step with glibc's defaults)")
-    ap.add_argument("--worker", choices=(*VARIANTS, PLAIN_MALLOC), help=argparse.SUPPRESS)
+    ap.add_argument("--lora-rank", type=int, default=0,
+                    help="with --vs-torch: the LoRA step of this rank, ours against peft + torch")
+    ap.add_argument("--worker", choices=(*VARIANTS, PLAIN_MALLOC, *LORA_VARIANTS), help=argparse.SUPPRESS)
     ap.add_argument("--json", action="store_true", help="also print the figures as one JSON object (last line)")
     args = ap.parse_args()
     if args.worker:

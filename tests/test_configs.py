@@ -75,3 +75,13 @@ def test_tofu_configs_run_as_open_unlearning(path):
         assert cfg.data.retain_pairing == "fresh"
     default = load_run_config(None, ["output_dir=o", "model.path=m"])
     assert (default.optim.loss_group, default.optim.epoch_mode, default.data.retain_pairing) == (0, "drop", "fixed")
+
+
+def test_demo_lora_section_reaches_the_unlearning_run():
+    """`npo-jax demo OUT lora.rank=8 ...`: the demo's lora section becomes the unlearning run's."""
+    from npo_jax.demo import _lora_overrides, _run_config, load_demo_config
+
+    assert _lora_overrides(load_demo_config(None)) == {}  # rank 0: the whole model, as before
+    cfg = load_demo_config(None, ["lora.rank=8", "lora.alpha=32", "lora.targets=[q_proj,v_proj]"])
+    run = _run_config(".", ".", ".", ".", cfg.unlearn, cfg, **_lora_overrides(cfg))
+    assert (run.lora.rank, run.lora.alpha, list(run.lora.targets)) == (8, 32.0, ["q_proj", "v_proj"])

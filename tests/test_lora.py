@@ -3,6 +3,8 @@ three AdamW steps (float32, rtol 1e-4); the reference is the base model with no 
 the `lora` config section; LoRA runs on every placement, resume and the base-model check."""
 
 import json
+import shutil
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +17,7 @@ from method_parity import examples
 from method_parity import open_unlearning_on_batch as _open_unlearning
 from test_methods import ou_trainers  # noqa: F401 (a fixture)
 from test_train import _losses, _overrides, _train, mini  # noqa: F401 (a fixture)
-from tofu_fixture import make_tiny_model_with_tokenizer
+from tofu_fixture import add_eval_splits, make_tiny_model_with_tokenizer
 
 from npo_jax.data.batches import label_width, pad_examples
 from npo_jax.errors import NpoJaxError
@@ -378,3 +380,61 @@ def test_rmu_refuses_lora(mini, tmp_path):  # noqa: F811
                                            "method.name=RMU", r"method.module_regex=model\.layers\.0"))
     with pytest.raises(NpoJaxError, match="does not run with lora.rank > 0"):
         Trainer(cfg, "unlearn", progress=False)
+
+
+def test_eval_reads_an_adapter_run_as_its_merged_export(mini, tmp_path):  # noqa: F811
+    """`npo-jax eval --run RUN` on a LoRA run (adapters only in its checkpoints) loads the base with
+    the adapters merged in float32: the same TOFU log as evaluating its float32 merged HF export."""
+    from npo_jax.cli import main
+    from npo_jax.model_io import load_model
+
+    out = tmp_path / "run"
+    _lora_run(mini, out, "parallel.data=1", "checkpoint.export_hf=true", "checkpoint.export_dtype=float32",
+              "lora.targets=[q_proj,v_proj,down_proj]", "optim.lr=5e-2", max_steps=3)
+    adapter_run, merged = load_model(out / "checkpoints"), load_model(out / "hf")
+    assert adapter_run.kind == "lora" and merged.kind == "hf"
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-6), adapter_run.params, merged.params)
+    base = load_model(mini[2]).params
+    moved = get_path(adapter_run.params, ("layers", "self_attn", "q_proj", "kernel")) - get_path(
+        base, ("layers", "self_attn", "q_proj", "kernel"))
+    assert np.abs(moved).max() > 1e-4  # the adapters are in
+    data = add_eval_splits(Path(shutil.copytree(mini[1], tmp_path / "data")))
+    common = ["--limit", "4", "--max-new-tokens", "8", "--data-dir", str(data), "--tfds-dir", str(tmp_path / "tfds")]
+    assert main(["eval", "--run", str(out), *common]) == 0
+    assert main(["eval", str(out / "hf"), "--run", str(out), "--out", str(tmp_path / "merged_eval"), *common]) == 0
+    ours = json.loads((out / "eval" / "TOFU_EVAL.json").read_text())
+    theirs = json.loads((tmp_path / "merged_eval" / "TOFU_EVAL.json").read_text())
+    assert ours.keys() == theirs.keys()
+    aggs = [{k: v["agg_value"] for k, v in log.items() if isinstance(v, dict) and v.get("agg_value") is not None}
+            for log in (ours, theirs)]
+    assert len(aggs[1]) >= 10 and aggs[0] == pytest.approx(aggs[1], rel=1e-5, abs=1e-7)
+
+
+def test_memory_plan_lora_step_holds_one_base_and_the_adapter_state():
+    """scripts/memory_plan.py --lora-rank: the compiled LoRA step's arguments are one bfloat16 base
+    (no reference copy), the float32 adapters and their two AdamW moments, and the batch; the
+    float32 weight copies it subtracts are exactly the base's float32 size (XLA:CPU's bf16 dots)."""
+    import argparse
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import memory_plan as mp
+
+    from npo_jax.config import LlamaConfig
+
+    cfg = LlamaConfig.from_hf_dict({**mp.LLAMA32_3B, "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128,
+                                    "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                                    "head_dim": 16}, "tiny")
+    args = argparse.Namespace(batch=4, per_device_batch=2, seq=32, dtype="bfloat16", remat="full",
+                              reference="cached", lora_rank=4, lora_targets=list(ALL), base_dtype="bfloat16")
+    compiled, _ = mp.compile_step(cfg, "one device", args)
+    base = sum(x.size for x in jax.tree.leaves(split_params(abstract_model(cfg))[1]))
+    adapters = sum(int(np.prod(s)) for s in adapter_shapes(cfg, LoraSpec(4, 8.0, 0.0, ALL)).values())
+    batch = sum(x.size * 4 for x in jax.tree.leaves(mp.abstract_batch(2, 2, 32, True)))
+    m = compiled.memory_analysis()
+    counters = 8 * 4  # step, AdamW count and schedule counters: a few int32 scalars at most
+    low = base * 2 + adapters * 4 * 3 + batch
+    assert low <= m.argument_size_in_bytes <= low + counters
+    row = mp.memory_row(compiled, cfg, True)
+    weights = sum(x.size for x in jax.tree.leaves(split_params(abstract_model(cfg))[1]) if x.ndim >= 2)
+    assert row["cpu_weight_upcasts_gib"] * mp.GIB == weights * 4
