@@ -68,14 +68,8 @@ class Objective(NamedTuple):
     def from_config(cls, method) -> Objective:
         """The unlearning objective of a `run_config.MethodConfig` (RMU's layer and control vector
         are set once the model is known: `npo_jax.methods.rmu.prepare`)."""
-        return cls(method.name, beta=method.beta, alpha=method.alpha, gamma=method.gamma, delta=method.delta,
-                   retain_loss=method.retain_loss, reference=method.reference, beta1=method.beta1,
-                   beta2=method.beta2, ignore_first_n_answer_tokens=method.ignore_first_n_answer_tokens,
-                   all_positions_mean=method.all_positions_mean, wrapped_ignore_index=method.wrapped_ignore_index,
-                   retain_loss_eps=method.retain_loss_eps, primal_dual=method.primal_dual,
-                   dual_step_size=method.dual_step_size, dual_update_upon=method.dual_update_upon,
-                   dual_warmup_epochs=method.dual_warmup_epochs, logit_shift_quirk=method.logit_shift_quirk,
-                   rmu_broadcast_quirk=method.rmu_broadcast_quirk)
+        fields = cls._fields[1:]  # every hyperparameter the config section has (not RMU's derived ones)
+        return cls(method.name, **{f: getattr(method, f) for f in fields if hasattr(method, f)})
 
     @classmethod
     def finetune(cls) -> Objective:
@@ -197,9 +191,7 @@ def objective_loss(model, ref_model, batch: dict, obj: Objective, units: int, sp
     if obj.retain_loss == "NLL":
         retain_loss = token_mean_nll(s.logp["retain"], s.n_tokens["retain"], units, span, retain.get("group_tokens"))
     else:
-        ref_h = train_hidden(ref_model, retain["input_ids"], retain["attention_mask"])
-        kl = kl_to_reference(model.logits, hidden[-n:], ref_model.logits, jax.lax.stop_gradient(ref_h))
-        retain_loss = per_unit(kl, units).mean(axis=(1, 2))  # batchmean over the unit's positions
+        retain_loss = _kl_retain(model, ref_model, hidden[-n:], retain, units)
     aux["retain_loss"] = retain_loss
     if state is not None:
         losses, aux["method_state"] = method.total_loss(forget_loss, retain_loss, obj, state, order or UnitOrder())
@@ -214,5 +206,11 @@ def retain_loss_only(model, ref_model, retain: dict, obj: Objective, units: int,
     if obj.retain_loss == "NLL":
         logp, n = _label_logprobs(model, hidden, [retain])
         return token_mean_nll(logp.sum(-1), n, units, span, retain.get("group_tokens"))
-    ref_h = train_hidden(ref_model, retain["input_ids"], retain["attention_mask"])
+    return _kl_retain(model, ref_model, hidden, retain, units)
+
+
+def _kl_retain(model, ref_model, hidden, retain: dict, units: int):
+    """KL(p_ref || p) of the retain rows, `batchmean` over each unit's positions (open-unlearning's
+    `kl_div(..., "batchmean")`), the reference's forward without gradient."""
+    ref_h = jax.lax.stop_gradient(train_hidden(ref_model, retain["input_ids"], retain["attention_mask"]))
     return per_unit(kl_to_reference(model.logits, hidden, ref_model.logits, ref_h), units).mean(axis=(1, 2))

@@ -212,8 +212,14 @@ def ours(cfg: LlamaConfig, *, batch: int, seq: int, dtype: str, reference: str, 
     del params
     step = CompiledStep(make_sharded_step(graphdef, obj, tx, schedule, mesh, state_shardings, units=1,
                                           ref_shardings=shardings if ref is not None else None))  # as the trainer
+    return _jax_worker(step, state, ref, cfg, mesh, batch=batch, seq=seq, compute=compute, n_params=n_params,
+                       live=reference == "live")
+
+
+def _jax_worker(step, state, ref, cfg, mesh, *, batch: int, seq: int, compute, n_params: int, live: bool) -> Worker:
+    """A Worker that runs `step` on one random micro-batch placed on `mesh`, the state carried."""
     host = jax.tree.map(lambda x: x[None], random_batch(cfg, batch, seq))
-    if reference == "live":
+    if live:
         host.pop("forget_ref_logp")
     dev = jax.device_put(host, batch_shardings(host, mesh))
     box = {"state": state}
@@ -224,7 +230,7 @@ def ours(cfg: LlamaConfig, *, batch: int, seq: int, dtype: str, reference: str, 
 
     head_rows = (seq - seq // 2) / seq  # label_positions: the answer half of each sequence
     return Worker(one, jax_matmul(compute, matmul_size()), n_params, cfg.vocab_size * cfg.hidden_size, head_rows,
-                  reference == "live", jax_device_peak_bytes)
+                  live, jax_device_peak_bytes)
 
 
 def pytorch(raw: dict, *, batch: int, seq: int, dtype: str, reuse_memory: bool = False) -> Worker:
@@ -290,17 +296,8 @@ def ours_lora(cfg: LlamaConfig, *, batch: int, seq: int, dtype: str, remat: str,
     state = jax.jit(lambda p: init_state(p, tx))(adapters)
     step = CompiledStep(make_sharded_step(lora, obj, tx, schedule, mesh, jax.tree.map(lambda x: x.sharding, state),
                                           units=1, ref_shardings=base_shardings))
-    host = jax.tree.map(lambda x: x[None], random_batch(cfg, batch, seq))
-    host.pop("forget_ref_logp")
-    dev = jax.device_put(host, batch_shardings(host, mesh))
-    box = {"state": state}
-
-    def one():
-        box["state"], metrics = step(box["state"], base, dev)
-        jax.block_until_ready(metrics)
-
-    return Worker(one, jax_matmul(compute, matmul_size()), n_params, cfg.vocab_size * cfg.hidden_size,
-                  (seq - seq // 2) / seq, True, jax_device_peak_bytes)
+    return _jax_worker(step, state, base, cfg, mesh, batch=batch, seq=seq, compute=compute, n_params=n_params,
+                       live=True)
 
 
 def pytorch_lora(raw: dict, *, batch: int, seq: int, dtype: str, rank: int) -> Worker:

@@ -37,9 +37,9 @@ import numpy as np
 from npo_jax.data.tokenize import IGNORE
 from npo_jax.errors import NpoJaxError
 from npo_jax.fs import atomic_write
-from npo_jax.logprobs import kl_to_reference, token_logprobs
-from npo_jax.methods.common import per_unit, token_mean_nll
-from npo_jax.model import train_hidden, train_layer_output
+from npo_jax.losses import retain_loss_only
+from npo_jax.methods.common import per_unit
+from npo_jax.model import train_layer_output
 from npo_jax.params import param_specs
 
 NAME = "RMU"
@@ -65,16 +65,6 @@ def activation_loss(act, target, labels, units: int, quirk: bool):
     return per_unit(sums / counts, units).mean(1)
 
 
-def _output_retain(model, ref_model, retain: dict, obj, units: int, span: int):
-    """GradDiff's retain terms (`npo_jax.losses`): NLL token mean, or KL batchmean to the reference."""
-    hidden = train_hidden(model, retain["input_ids"], retain["attention_mask"])
-    if obj.retain_loss == "NLL":
-        logp, mask = token_logprobs(model.logits, hidden, retain["labels"], positions=retain.get("label_positions"))
-        return token_mean_nll(logp.sum(-1), mask.sum(-1), units, span, retain.get("group_tokens"))
-    ref_h = jax.lax.stop_gradient(train_hidden(ref_model, retain["input_ids"], retain["attention_mask"]))
-    return per_unit(kl_to_reference(model.logits, hidden, ref_model.logits, ref_h), units).mean(axis=(1, 2))
-
-
 def objective(model, ref_model, batch: dict, obj, units: int, span: int = 1):
     """Per-unit losses and terms for one micro-batch (`npo_jax.losses.objective_loss`'s contract)."""
     if obj.rmu_layer < 0 or not obj.control_vec:
@@ -96,7 +86,7 @@ def objective(model, ref_model, batch: dict, obj, units: int, span: int = 1):
         retain_loss = loss(acts[n:], jax.lax.stop_gradient(ref_act), retain)
     else:
         forget_act = train_layer_output(model, forget["input_ids"], forget["attention_mask"], k)
-        retain_loss = _output_retain(model, ref_model, retain, obj, units, span)
+        retain_loss = retain_loss_only(model, ref_model, retain, obj, units, span)  # GradDiff's NLL / KL
     forget_loss = loss(forget_act, jnp.asarray(obj.control_vec, jnp.float32), forget)
     total = obj.gamma * forget_loss + obj.alpha * retain_loss
     return total, {"forget_loss": forget_loss, "retain_loss": retain_loss}
