@@ -97,7 +97,7 @@ def test_imports_go_one_way():
 
 
 def _oversized(path: Path):
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    for node in ast.walk(_parse(path)):
         if isinstance(node, ast.ClassDef):
             limit = MAX_CLASS_LINES
         elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
@@ -108,6 +108,16 @@ def _oversized(path: Path):
         if lines > limit:
             yield f"{path.relative_to(ROOT)}:{node.lineno} {node.name}: {lines} lines (at most {limit})"
 
+
+
+def _parse(path):
+    """ast.parse, once more on CPython 3.11's "AST constructor recursion depth mismatch": its
+    parser's depth counter is shared state that another thread's parse (left running by an
+    earlier test's background writer) can upset; the file itself parses."""
+    try:
+        return ast.parse(path.read_text(), str(path))
+    except SystemError:
+        return ast.parse(path.read_text(), str(path))
 
 @pytest.mark.parametrize("path", SOURCES, ids=MODULES)
 def test_no_oversized_class_or_function(path):
